@@ -1,0 +1,37 @@
+"""hearth's exceptions. Every message names what is wrong and how to fix it.
+
+    HearthError
+    ├── HostRootError      a host path is missing or would leave the host root
+    ├── SpecError          bad input: an address, a driver name, a spec field (nothing was changed)
+    └── VfioError          the host refused or failed a VFIO operation
+        ├── BindRefused    a safety check said no before anything was written
+        └── BindFailed     a write failed or timed out; the result says what was restored
+"""
+
+from __future__ import annotations
+
+
+class HearthError(Exception):
+    """Base of every error hearth raises on purpose."""
+
+
+class HostRootError(HearthError):
+    pass
+
+
+class SpecError(HearthError, ValueError):
+    pass
+
+
+class VfioError(HearthError):
+    pass
+
+
+class BindRefused(VfioError):
+    pass
+
+
+class BindFailed(VfioError):
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result  # vfio.bind.Result: what happened to each device
