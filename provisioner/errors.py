@@ -3,9 +3,13 @@
     HearthError
     ├── HostRootError      a host path is missing or would leave the host root
     ├── SpecError          bad input: an address, a driver name, a spec field (nothing was changed)
-    └── VfioError          the host refused or failed a VFIO operation
-        ├── BindRefused    a safety check said no before anything was written
-        └── BindFailed     a write failed or timed out; the result says what was restored
+    ├── VfioError          the host refused or failed a VFIO operation
+    │   ├── BindRefused    a safety check said no before anything was written
+    │   └── BindFailed     a write failed or timed out; the result says what was restored
+    └── VmmError           a cloud-hypervisor process failed, refused or stopped answering
+        ├── VmmApiError    the API answered with an error status (endpoint, status, CH's error chain)
+        ├── VmmTimeout     a call got no answer in time
+        └── VmmExited      the process ended (crash, guest poweroff) while we needed it
 """
 
 from __future__ import annotations
@@ -35,3 +39,21 @@ class BindFailed(VfioError):
     def __init__(self, message: str, result: object = None) -> None:
         super().__init__(message)
         self.result = result  # vfio.bind.Result: what happened to each device
+
+
+class VmmError(HearthError):
+    pass
+
+
+class VmmApiError(VmmError):
+    def __init__(self, endpoint: str, status: int, chain: list[str]) -> None:
+        self.endpoint, self.status, self.chain = endpoint, status, chain
+        super().__init__(f"cloud-hypervisor {endpoint} answered {status}: {': '.join(chain) or '(no detail)'}")
+
+
+class VmmTimeout(VmmError):
+    pass
+
+
+class VmmExited(VmmError):
+    pass

@@ -1,0 +1,395 @@
+"""`cloud-hypervisor-standin`: a STAND-IN for the cloud-hypervisor binary, for machines that cannot run it.
+
+It is not a VMM and boots nothing. It takes the same flags (`--api-socket path=|fd=`, `--event-monitor
+path=|fd=`, `--log-file`, `--seccomp`, `-v`, `--no-shutdown`), serves the same API on the same socket
+(with CH's `<socket>.lock` beside it), and:
+
+- validates every request body against the schema the spec names for its endpoint, strictly, and every
+  response body it sends; follows CH's state rules and status mapping (vmm/src/api/http/mod.rs: VM not
+  created -> 404, bad JSON -> 400, unknown path -> 404, the rest -> 500, bodies are the error chain);
+- checks at `vm.boot` what CH would trip over: payload and disk files exist, each VFIO device is a sysfs
+  device bound to vfio-pci whose `/dev/vfio/<group>` exists (under the tree its path names);
+- writes `--event-monitor` events in CH's format (pretty JSON objects, blank line between);
+- takes the boot's time from a latency distribution, and injects faults on request;
+- runs a guest program as a subprocess once booted, its stdout and stderr going to the serial file, with
+  vsock done as CH does it on the host side: the guest reaches the host at `<vsock socket>_<port>`.
+  A guest program that exits is a guest poweroff: without `--no-shutdown` the process then ends.
+
+Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON object:
+    boot_s          seconds, or {"median", "sigma", "straggler_p", "straggler_x"}: log-normal boot time
+                    with a fraction straggler_p of boots straggler_x times slower (default 0.05)
+    seed            for the latency draw (default: random)
+    fault           "boot-fails" | "crash-mid-boot" | "hang:<endpoint>" | "slow-boot"
+    slow_x          how much slower "slow-boot" is (default 20)
+    guest           argv of the guest program (default: none; the "guest" idles until powered off)
+    version         what vmm.ping reports (default "v53.0")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from provisioner.ch import spec
+from provisioner.ch.monitor import format_event
+
+VM_NOT_CREATED = "VM is not created"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, *chain: str) -> None:
+        super().__init__(chain)
+        self.status, self.chain = status, list(chain)
+
+
+class StandIn:
+    def __init__(self, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        self.started = time.monotonic()
+        self.settings = settings
+        self.no_shutdown = args.no_shutdown
+        self.lock = threading.RLock()
+        self.state: str | None = None
+        self.config: dict[str, Any] | None = None
+        self.guest: subprocess.Popen | None = None
+        self.rng = random.Random(settings.get("seed"))
+        self.events = _open_target(args.event_monitor, "w") if args.event_monitor else None
+        self.log = open(args.log_file, "a") if args.log_file else sys.stderr
+        self.fault = settings.get("fault")
+
+    # -- events and log --------------------------------------------------------------------------
+    def event(self, source: str, event: str, properties: dict[str, Any] | None = None) -> None:
+        if self.events is not None:
+            self.events.write(format_event(time.monotonic() - self.started, source, event, properties))
+            self.events.flush()
+
+    def say(self, message: str) -> None:
+        self.log.write(f"cloud-hypervisor-standin: {message}\n")
+        self.log.flush()
+
+    def exit(self, code: int = 0) -> None:
+        self.event("vmm", "shutdown")
+        self.say(f"exiting with status {code}")
+        os._exit(code)
+
+    # -- the API ---------------------------------------------------------------------------------
+    def handle(self, method: str, endpoint: str, body: Any) -> tuple[int, Any]:
+        if self.fault == f"hang:{endpoint}":
+            self.say(f"fault injected: {endpoint} hangs")
+            threading.Event().wait()
+        handler = getattr(self, f"{method.lower()}_{endpoint.replace('.', '_').replace('-', '_')}", None)
+        if handler is None:
+            raise ApiError(500, "Error from API", f"{endpoint} is not implemented by the hearth stand-in")
+        with self.lock:  # CH's VMM thread serves one request at a time: vm.info waits for vm.boot too
+            return handler(body)
+
+    def get_vmm_ping(self, _: Any) -> tuple[int, Any]:
+        return 200, {"version": self.settings.get("version", "v53.0"), "build_version": "hearth-standin",
+                     "pid": os.getpid(), "features": ["kvm"]}
+
+    def put_vm_create(self, body: Any) -> tuple[int, Any]:
+        if self.state is not None:
+            raise ApiError(500, "Error from API", "The VM could not be created", "VM is already created")
+        self.config, self.state = body, "Created"
+        return 204, None
+
+    def get_vm_info(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM info is not available")
+        return 200, {"config": self.config, "state": self.state, "memory_actual_size": self.config.get("memory", {}).get("size", 512 << 20)}
+
+    def get_vm_counters(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM counters are not available")
+        return 200, {}
+
+    def put_vm_boot(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM could not boot")
+        if self.state not in ("Created", "Shutdown"):
+            raise ApiError(500, "Error from API", "The VM could not boot", "VM is already booted")
+        self._check_boot()
+        self.event("vm", "booting")
+        delay = self._boot_delay()
+        self.say(f"booting: {delay:.3f} s")
+        if self.fault == "crash-mid-boot":
+            time.sleep(delay / 2)
+            self.say("fault injected: crash in the middle of vm.boot")
+            os._exit(101)
+        time.sleep(delay)
+        if self.fault == "boot-fails":
+            raise ApiError(500, "Error from API", "The VM could not boot", "Error starting VM",
+                           "Failed to start vCPUs (fault injected by the stand-in)")
+        self.state = "Running"
+        self.event("vm", "booted")
+        self._start_guest()
+        return 204, None
+
+    def put_vm_power_button(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM could not be powered off")
+        self._need_running("The VM could not be powered off")
+        self.say("power button pressed")
+        if self.guest is not None:
+            self.guest.send_signal(signal.SIGTERM)  # the guest's ACPI handler: a clean shutdown
+        else:
+            threading.Timer(0.05, self._guest_gone, args=(0,)).start()
+        return 204, None
+
+    def put_vm_shutdown(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM could not shut down")
+        self._need_running("The VM could not shut down")
+        self._stop_guest()
+        self.state = "Shutdown"
+        self.event("vm", "shutdown")
+        return 204, None
+
+    def put_vm_pause(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM could not pause")
+        self._need_running("The VM could not pause")
+        self.state = "Paused"
+        self.event("vm", "paused")
+        return 204, None
+
+    def put_vm_resume(self, _: Any) -> tuple[int, Any]:
+        self._need_vm("The VM could not resume")
+        if self.state != "Paused":
+            raise ApiError(500, "Error from API", "The VM could not resume", "VM is not paused")
+        self.state = "Running"
+        self.event("vm", "resumed")
+        return 204, None
+
+    def put_vm_delete(self, _: Any) -> tuple[int, Any]:
+        self._stop_guest()
+        if self.state is not None:
+            self.state, self.config = None, None
+            self.event("vm", "deleted")
+        return 204, None
+
+    def put_vmm_shutdown(self, _: Any) -> tuple[int, Any]:
+        self._stop_guest()
+        threading.Timer(0.05, self.exit).start()
+        return 204, None
+
+    # -- the simulated VM ------------------------------------------------------------------------
+    def _need_vm(self, what: str) -> None:
+        if self.state is None:
+            raise ApiError(404, "Error from API", what, VM_NOT_CREATED)
+
+    def _need_running(self, what: str) -> None:
+        if self.state not in ("Running", "Paused"):
+            raise ApiError(500, "Error from API", what, "VM is not booted")
+
+    def _check_boot(self) -> None:
+        config = self.config
+        payload = config["payload"]
+        for key in ("kernel", "initramfs", "firmware"):
+            if key in payload and not os.path.isfile(payload[key]):
+                raise ApiError(500, "Error from API", "The VM could not boot", "Error loading kernel",
+                               f"Cannot open {key} {payload[key]}: No such file or directory (os error 2)")
+        if "kernel" not in payload and "firmware" not in payload:
+            raise ApiError(500, "Error from API", "The VM could not boot", "No kernel or firmware in the payload")
+        for disk in config.get("disks", []):
+            if not os.path.exists(disk.get("path", "")):
+                raise ApiError(500, "Error from API", "The VM could not boot", "Error creating disk",
+                               f"Failed to open disk image {disk.get('path')}: No such file or directory (os error 2)")
+        for device in config.get("devices", []):
+            problem = _vfio_problem(device.get("path", ""))
+            if problem:
+                raise ApiError(500, "Error from API", "The VM could not boot", "Error creating VFIO device", problem)
+        vsock = config.get("vsock")
+        if vsock and not os.path.isdir(os.path.dirname(vsock["socket"])):
+            raise ApiError(500, "Error from API", "The VM could not boot", "Error creating vsock device",
+                           f"Cannot bind {vsock['socket']}: No such file or directory (os error 2)")
+
+    def _boot_delay(self) -> float:
+        boot = self.settings.get("boot_s", 0.05)
+        if isinstance(boot, dict):
+            delay = boot["median"] * math.exp(self.rng.gauss(0, boot.get("sigma", 0.25)))
+            if self.rng.random() < boot.get("straggler_p", 0.05):
+                delay *= boot.get("straggler_x", 3.0)
+        else:
+            delay = float(boot)
+        if self.fault == "slow-boot":
+            delay *= self.settings.get("slow_x", 20)
+        return delay
+
+    def _start_guest(self) -> None:
+        argv = self.settings.get("guest")
+        if not argv:
+            return
+        config = self.config
+        env = dict(os.environ)
+        env.pop("HEARTH_STANDIN", None)
+        oem = config.get("platform", {}).get("oem_strings", [])
+        env["HEARTH_SMBIOS_OEM"] = "\n".join(oem)
+        env["HEARTH_SMBIOS_UUID"] = config.get("platform", {}).get("system_uuid", "")
+        if config.get("vsock"):
+            env["HEARTH_VSOCK_SOCKET"] = config["vsock"]["socket"]
+            env["HEARTH_VSOCK_CID"] = str(config["vsock"]["cid"])
+        serial = config.get("serial", {})
+        out = open(serial["file"], "ab") if serial.get("mode") == "File" else subprocess.DEVNULL
+        self.guest = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.say(f"guest program started: pid {self.guest.pid}")
+        threading.Thread(target=self._watch_guest, args=(self.guest,), daemon=True).start()
+
+    def _watch_guest(self, guest: subprocess.Popen) -> None:
+        code = guest.wait()
+        if self.guest is guest:  # it ended by itself (poweroff), not by _stop_guest
+            self._guest_gone(code)
+
+    def _guest_gone(self, code: int) -> None:
+        self.say(f"guest powered off (guest program exit status {code})")
+        with self.lock:
+            self.state = "Shutdown"
+            self.guest = None
+        self.event("vm", "shutdown")
+        if not self.no_shutdown:
+            self.exit(0)
+
+    def _stop_guest(self) -> None:
+        guest, self.guest = self.guest, None
+        if guest is not None:
+            guest.kill()
+            guest.wait()
+
+
+def _vfio_problem(path: str) -> str | None:
+    """What CH would fail on when opening a VFIO device at this sysfs path, or None."""
+    device = Path(path.rstrip("/"))
+    if not device.is_dir():
+        return f"Failed to open VFIO device {path}: No such file or directory (os error 2)"
+    driver = os.path.basename(os.readlink(device / "driver")) if (device / "driver").is_symlink() else None
+    if driver != "vfio-pci":
+        return f"{path} is bound to {driver or 'no driver'}, not vfio-pci: failed to get the VFIO group"
+    group = os.path.basename(os.readlink(device / "iommu_group"))
+    root = str(device).split("/sys/bus/pci/devices/")[0] or "/"
+    if not os.path.exists(os.path.join(root, "dev/vfio", group)):
+        return f"Failed to open VFIO group /dev/vfio/{group}: No such file or directory (os error 2)"
+    return None
+
+
+def _open_target(value: str, mode: str):
+    kind, _, target = value.partition("=")
+    if kind == "fd":
+        return os.fdopen(int(target), mode, buffering=1)
+    if kind == "path":
+        return open(target, mode, buffering=1)
+    raise SystemExit(f"cloud-hypervisor-standin: expected path=... or fd=..., got {value!r}")
+
+
+def _handler(vmm: StandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "Cloud Hypervisor API"
+        sys_version = ""
+
+        def address_string(self) -> str:
+            return "unix"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            vmm.say("api: " + format % args)
+
+        def do_GET(self) -> None:
+            self._dispatch("GET")
+
+        def do_PUT(self) -> None:
+            self._dispatch("PUT")
+
+        def do_POST(self) -> None:
+            self._dispatch("POST")
+
+        def _dispatch(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                status, body = self._route(method, raw)
+            except ApiError as error:
+                status, body = error.status, error.chain
+            self._reply(status, body)
+
+        def _route(self, method: str, raw: bytes) -> tuple[int, Any]:
+            path = self.path.split("?", 1)[0]
+            if not path.startswith(spec.API_ROOT + "/"):
+                raise ApiError(404, "Not Found")
+            endpoint = path[len(spec.API_ROOT) + 1:]
+            try:
+                spec.endpoint(method, endpoint)
+            except KeyError:
+                if f"/{endpoint}" in spec.spec()["paths"]:
+                    raise ApiError(400, "Bad Request") from None
+                raise ApiError(404, "Not Found") from None
+            schema = spec.request_schema(method, endpoint)
+            body = None
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError as error:
+                    raise ApiError(400, "Failed to deserialize JSON", str(error)) from None
+            if schema is not None:
+                if body is None:
+                    raise ApiError(400, "Bad Request", f"{endpoint} needs a {schema} body")
+                problems = spec.errors(schema, body)
+                if problems:
+                    vmm.say(f"rejected {endpoint}: {problems}")
+                    raise ApiError(400, "Failed to deserialize JSON", f"{schema}: " + "; ".join(problems))
+            status, reply = vmm.handle(method, endpoint, body)
+            response_schema = spec.response_schema(method, endpoint, status)
+            if response_schema is not None:
+                problems = spec.errors(response_schema, reply)
+                if problems:  # the stand-in's own bug: say so loudly rather than answer off-contract
+                    raise ApiError(500, "hearth stand-in produced an off-spec response", *problems)
+            return status, reply
+
+        def _reply(self, status: int, body: Any) -> None:
+            data = b"" if body is None else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+
+    return Handler
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cloud-hypervisor-standin", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api-socket", required=True)
+    parser.add_argument("--event-monitor")
+    parser.add_argument("--log-file")
+    parser.add_argument("--seccomp", default="true")
+    parser.add_argument("--no-shutdown", action="store_true")
+    parser.add_argument("-v", action="count", default=0)
+    args = parser.parse_args(argv)
+    settings = json.loads(os.environ.get("HEARTH_STANDIN") or "{}")
+    vmm = StandIn(args, settings)
+    vmm.event("vmm", "starting")
+    kind, _, target = args.api_socket.partition("=")
+    if kind != "path":
+        raise SystemExit("cloud-hypervisor-standin: only --api-socket path=... is supported")
+    lock = open(target + ".lock", "w")  # CH holds <socket>.lock while it serves the socket
+    if os.path.exists(target):
+        os.unlink(target)
+    server = _Server(target, _handler(vmm))
+    vmm.say(f"serving the API on {target} (seccomp={args.seccomp} is not applied by the stand-in)")
+    signal.signal(signal.SIGTERM, lambda *_: (vmm._stop_guest(), vmm.exit(0)))  # CH exits cleanly on SIGTERM
+    try:
+        server.serve_forever(poll_interval=0.05)
+    finally:
+        lock.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Node states, their legal transitions, the timestamped events, and the boot profile made from them.
+
+    requested -> placed -> vmm_started -> booting -> guest_up -> ray_joined -> ready
+    any of those -> failed(reason) | stopping;  failed -> stopping;  stopping -> stopped
+
+Every change goes through `NodeHistory.transition`, which refuses an illegal one. The durations between
+the boot states are the node's boot profile: what users see and benchmarks report, and how a slow boot
+is diagnosed.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from pydantic import BaseModel
+
+from provisioner.errors import HearthError
+
+
+class NodeState(str, Enum):
+    requested = "requested"
+    placed = "placed"
+    vmm_started = "vmm_started"
+    booting = "booting"
+    guest_up = "guest_up"
+    ray_joined = "ray_joined"
+    ready = "ready"
+    failed = "failed"
+    stopping = "stopping"
+    stopped = "stopped"
+
+
+BOOT_ORDER = [NodeState.requested, NodeState.placed, NodeState.vmm_started, NodeState.booting,
+              NodeState.guest_up, NodeState.ray_joined, NodeState.ready]
+TRANSITIONS: dict[NodeState, set[NodeState]] = {
+    **{state: {BOOT_ORDER[i + 1], NodeState.failed, NodeState.stopping} for i, state in enumerate(BOOT_ORDER[:-1])},
+    NodeState.ready: {NodeState.failed, NodeState.stopping},
+    NodeState.failed: {NodeState.stopping, NodeState.stopped},
+    NodeState.stopping: {NodeState.stopped, NodeState.failed},
+    NodeState.stopped: set(),
+}
+
+
+class InvalidTransition(HearthError):
+    def __init__(self, node: str, old: NodeState, new: NodeState) -> None:
+        super().__init__(f"node {node}: {old.value} -> {new.value} is not a valid transition")
+
+
+class NodeEvent(BaseModel, frozen=True):
+    node: str
+    state: NodeState
+    at: float  # time.time()
+    detail: str | None = None
+
+
+class NodeHistory:
+    """One node's events, in order; `transition` appends one, checked against TRANSITIONS."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.events: list[NodeEvent] = []
+
+    @property
+    def state(self) -> NodeState | None:
+        return self.events[-1].state if self.events else None
+
+    def transition(self, state: NodeState, detail: str | None = None, at: float | None = None) -> NodeEvent:
+        old = self.state
+        if old is not None and state not in TRANSITIONS[old]:
+            raise InvalidTransition(self.node, old, state)
+        if old is None and state not in (NodeState.requested, NodeState.placed):
+            raise InvalidTransition(self.node, NodeState.requested, state)
+        event = NodeEvent(node=self.node, state=state, at=time.time() if at is None else at, detail=detail)
+        self.events.append(event)
+        return event
+
+    def profile(self) -> dict[str, float]:
+        """Seconds spent in each boot phase, named by the state it ended in (`booting`: from vmm_started
+        to booting), plus `total` from the first event to the last boot state reached."""
+        times = {e.state: e.at for e in self.events if e.state in BOOT_ORDER}
+        reached = [s for s in BOOT_ORDER if s in times]
+        phases = {later.value: round(times[later] - times[earlier], 6) for earlier, later in zip(reached, reached[1:])}
+        if len(reached) > 1:
+            phases["total"] = round(times[reached[-1]] - times[reached[0]], 6)
+        return phases
