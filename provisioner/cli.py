@@ -1,15 +1,248 @@
-"""The `hearth` command."""
+"""The `hearth` command: clusters (up, status, down, demo), jobs, benchmarks, and `hearth vfio`."""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provisioner.errors import HearthError, SpecError
+from provisioner.progress import ProgressLine, profile_table
+from provisioner.spec import Backend, cluster_spec, load_inventory
+from provisioner.supervisor import alive, read_state, state_root
 from vfio.cli import app as vfio_app
 
 app = typer.Typer(help="hearth: a notebook cell becomes a GPU cluster of Cloud Hypervisor microVMs joined by Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+job_app = typer.Typer(help="Ray jobs on a hearth cluster.", no_args_is_help=True)
 app.add_typer(vfio_app, name="vfio")
+app.add_typer(job_app, name="job")
+console = Console(highlight=False)
+NameOption = Annotated[str, typer.Option("--name", help="Which cluster (hearth up --name).")]
+DEFAULT_NAME = "hearth"
 
 
 def main() -> None:
+    from provisioner.bench import app as bench_app  # imported late: it pulls in Ray's test utilities
+
+    app.add_typer(bench_app, name="bench")
     app()
+
+
+@app.command()
+def up(
+    nodes: Annotated[int, typer.Option(help="How many nodes.")] = 2,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (local backend: Ray sees fake ones).")] = 0,
+    backend: Annotated[Optional[str], typer.Option(help="local or cloud-hypervisor (default: local, or "
+                                                   "cloud-hypervisor with --hosts).")] = None,
+    hosts: Annotated[Optional[Path], typer.Option(help="Hosts inventory (YAML).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Guest image directory (VM backends).")] = None,
+    cpus: Annotated[int, typer.Option(help="CPUs per node.")] = 1,
+    memory_gib: Annotated[int, typer.Option(help="Memory per node, GiB.")] = 4,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds a node may take to be ready.")] = 300.0,
+    min_nodes: Annotated[Optional[int], typer.Option(help="Ready with this many (default: all).")] = None,
+    name: NameOption = DEFAULT_NAME,
+) -> None:
+    """Boot a cluster and leave it running until `hearth down`. Returns once it is ready or has failed."""
+    chosen: Backend = backend or ("cloud-hypervisor" if hosts else "local")  # type: ignore[assignment]
+    spec = _run(lambda: cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, backend=chosen, image=image,
+                                     cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
+                                     min_nodes=min_nodes, name=name))
+    directory = state_root() / name
+    if alive(read_state(directory)):
+        _fail(f"cluster {name} is already up; `hearth down --name {name}` first, or pick another --name", 1)
+    inventory_text = None
+    if hosts is not None:
+        _run(lambda: load_inventory(hosts))
+        inventory_text = hosts.read_text()
+    for stale in ("state.json", "events.jsonl", "token", "hosts.yaml"):
+        (directory / stale).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spec.json").write_text(spec.model_dump_json())
+    if inventory_text is not None:
+        (directory / "hosts.yaml").write_text(inventory_text)
+    with open(directory / "supervisor.log", "ab") as log:
+        supervisor = subprocess.Popen([sys.executable, "-m", "provisioner.supervisor", str(directory)],
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    state = _follow(directory, supervisor, spec.nodes)
+    if state is None or state.get("status") != "ready":
+        error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
+        _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
+    console.print(profile_table(state["nodes"]))
+    console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
+                  f"dashboard {state['ray']['dashboard']}")
+    console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
+
+
+def _follow(directory: Path, supervisor: subprocess.Popen, total: int) -> dict | None:
+    """Show the boot as it happens from the supervisor's event log; Ctrl-C cancels it (and tears down)."""
+    from provisioner.events import NodeEvent
+
+    offset = 0
+    try:
+        with ProgressLine(total) as progress:
+            while True:
+                events = directory / "events.jsonl"
+                if events.exists():
+                    with open(events) as f:
+                        f.seek(offset)
+                        for line in f:
+                            if line.endswith("\n"):
+                                progress.update(NodeEvent.model_validate_json(line))
+                                offset += len(line.encode())
+                state = read_state(directory)
+                if state and state.get("status") in ("ready", "failed"):
+                    return state
+                if supervisor.poll() is not None:
+                    return read_state(directory)
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait()
+        console.print("cancelled: everything that was started has been torn down")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def down(name: NameOption = DEFAULT_NAME, timeout: Annotated[float, typer.Option()] = 120.0) -> None:
+    """Tear a cluster down: every node, the Ray head, and their files."""
+    state = read_state(state_root() / name)
+    if not alive(state):
+        console.print(f"cluster {name} is not running")
+        return
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(state):
+        if time.monotonic() > deadline:
+            _fail(f"cluster {name}'s supervisor (pid {state['pid']}) did not stop within {timeout:g} s", 1)
+        time.sleep(0.1)
+    console.print(f"cluster {name} is down")
+
+
+@app.command()
+def status(name: NameOption = DEFAULT_NAME, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A cluster's state: its nodes, their states and boot profiles, and where Ray is."""
+    state = read_state(state_root() / name)
+    if state is None:
+        _fail(f"no cluster {name}; start one with `hearth up --name {name}`", 1)
+    if state["status"] == "ready" and not alive(state):
+        state["status"] = "gone (its supervisor is not running)"
+    if json_output:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    console.print(f"cluster {state['name']} ({state['backend']}): {state['status']}"
+                  + (f", Ray {state['ray']['address']}, dashboard {state['ray']['dashboard']}" if state.get("ray") else ""))
+    table = Table()
+    for column in ("node", "host", "state", "detail", "Ray node", "boot s"):
+        table.add_column(column)
+    for node in state["nodes"]:
+        table.add_row(node["id"], node["host"], node["state"], (node["detail"] or "")[:60],
+                      (node["ray_node_id"] or "-")[:12], f"{node['profile'].get('total', 0):.2f}")
+    console.print(table)
+
+
+@app.command()
+def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) -> None:
+    """The main job on the embedded default: boot a local cluster, run a Ray job on it, print each node's
+    boot profile, tear it down."""
+    from provisioner.cluster import ClusterRun, default_work_dir
+    from provisioner.jobs import follow, job_client
+
+    spec = cluster_spec(nodes=nodes, name=f"demo-{os.getpid()}")
+    script = ("import ray; ray.init(); "
+              "f = ray.remote(num_cpus=1)(lambda: ray.get_runtime_context().get_node_labels()['hearth.io/node']); "
+              f"print('the job ran on', sorted(ray.get([f.options(label_selector={{'hearth.io/node': n}}).remote() "
+              f"for n in {spec.node_ids()!r}])))")
+
+    async def main() -> None:
+        with ProgressLine(spec.nodes) as progress:
+            run = ClusterRun(spec, default_work_dir(spec.name), on_event=progress.update)
+            await run.up()
+        try:
+            console.print(f"cluster ready; dashboard {run.head.dashboard_url}; submitting a Ray job")
+            client = job_client(run.head.dashboard_url, run.head.token)
+            job = client.submit_job(entrypoint=f"python -c {shlex.quote(script)}")
+            result = await asyncio.to_thread(follow, client, job)
+            console.print(f"job {job}: {result.value}")
+            console.print(profile_table(run.summary()["nodes"]))
+        finally:
+            await run.down()
+            console.print("torn down")
+
+    try:
+        asyncio.run(main())
+    except HearthError as error:
+        _fail(str(error), 1)
+
+
+@job_app.command("submit")
+def job_submit(command: Annotated[list[str], typer.Argument(help="The entrypoint, after --.")],
+               name: NameOption = DEFAULT_NAME,
+               no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")] = False,
+               working_dir: Annotated[Optional[Path], typer.Option(help="Upload this directory for the job.")] = None,
+               ) -> None:
+    """Submit a job, stream its logs until it ends (as `ray job submit` does); exit 0 only if it succeeded."""
+    from provisioner.jobs import follow
+
+    client = _client(name)
+    runtime_env = {"working_dir": str(working_dir)} if working_dir else None
+    job = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+    console.print(f"submitted job {job}", style="dim")
+    if no_wait:
+        typer.echo(job)
+        return
+    result = follow(client, job)
+    console.print(f"job {job}: {result.value}", style="green" if result.value == "SUCCEEDED" else "red")
+    raise typer.Exit(0 if result.value == "SUCCEEDED" else 1)
+
+
+@job_app.command("status")
+def job_status(job_id: str, name: NameOption = DEFAULT_NAME) -> None:
+    """A job's status."""
+    typer.echo(_client(name).get_job_status(job_id).value)
+
+
+@job_app.command("logs")
+def job_logs(job_id: str, name: NameOption = DEFAULT_NAME,
+             follow_logs: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
+    """A job's logs (with --follow, until it ends)."""
+    from provisioner.jobs import follow
+
+    client = _client(name)
+    if follow_logs:
+        follow(client, job_id)
+    else:
+        typer.echo(client.get_job_logs(job_id), nl=False)
+
+
+def _client(name: str):
+    from provisioner.jobs import job_client
+
+    directory = state_root() / name
+    state = read_state(directory)
+    if not alive(state) or state.get("status") != "ready":
+        _fail(f"cluster {name} is not up; start it with `hearth up --name {name}`", 1)
+    return job_client(state["ray"]["dashboard"], (directory / "token").read_text().strip())
+
+
+def _run(action):
+    try:
+        return action()
+    except HearthError as error:
+        _fail(str(error), 2 if isinstance(error, SpecError) else 1)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)

@@ -14,6 +14,12 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
 
 class HearthError(Exception):
     """Base of every error hearth raises on purpose."""
@@ -57,3 +63,13 @@ class VmmTimeout(VmmError):
 
 class VmmExited(VmmError):
     pass
+
+
+def validated(model: type[M], data: Any, what: str) -> M:
+    """`model` from `data`, or one `SpecError` that names each bad field with its fix."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in error.errors()]
+        raise SpecError(f"bad {what}:\n" + "\n".join(f"  - {p}" for p in problems)) from None

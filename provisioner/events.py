@@ -10,12 +10,14 @@ is diagnosed.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from enum import Enum
 
 from pydantic import BaseModel
 
-from provisioner.errors import HearthError
+from provisioner.errors import HearthError, VmmError, VmmTimeout
 
 
 class NodeState(str, Enum):
@@ -84,3 +86,52 @@ class NodeHistory:
         if len(reached) > 1:
             phases["total"] = round(times[reached[-1]] - times[reached[0]], 6)
         return phases
+
+
+OnEvent = Callable[[NodeEvent], None]
+TERMINAL = (NodeState.failed, NodeState.stopping, NodeState.stopped)
+
+
+class NodeTracker:
+    """A node's history plus the ways to follow it: an `on_event` callback, and `wait_for(state)`."""
+
+    def __init__(self, history: NodeHistory, on_event: OnEvent | None = None) -> None:
+        self.history = history
+        self.on_event = on_event
+        self._waiters: list[tuple[NodeState, asyncio.Future]] = []
+
+    @property
+    def state(self) -> NodeState | None:
+        return self.history.state
+
+    def transition(self, state: NodeState, detail: str | None = None) -> None:
+        event = self.history.transition(state, detail)
+        if self.on_event is not None:
+            self.on_event(event)
+        for waited, future in list(self._waiters):
+            if not future.done():
+                if self.reached(waited):
+                    future.set_result(None)
+                elif state in TERMINAL:
+                    future.set_exception(VmmError(f"node {self.history.node} {state.value} before {waited.value}"
+                                                  + (f": {detail}" if detail else "")))
+                else:
+                    continue
+            self._waiters.remove((waited, future))
+
+    def reached(self, state: NodeState) -> bool:
+        return any(e.state == state for e in self.history.events)
+
+    async def wait_for(self, state: NodeState, timeout: float) -> None:
+        """Until the node reaches `state`; `VmmError` if it fails or stops first, `VmmTimeout` after `timeout`."""
+        if self.reached(state):
+            return
+        if self.state in TERMINAL:
+            raise VmmError(f"node {self.history.node} is {self.state.value}, it will not become {state.value}")
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((state, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise VmmTimeout(f"node {self.history.node}: not {state.value} after {timeout:g} s "
+                             f"(still {self.state.value})") from None

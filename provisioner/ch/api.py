@@ -65,7 +65,8 @@ class ChClient:
         if transport is None:
             if socket_path is None:
                 raise ValueError("ChClient needs the API socket path or a transport")
-            transport = httpx.AsyncHTTPTransport(uds=socket_path)
+            # Plain HTTP on a Unix socket: no TLS, so no CA bundle to load (20 ms a client otherwise).
+            transport = httpx.AsyncHTTPTransport(uds=socket_path, verify=False)
         self.calls = 0
         self._http = httpx.AsyncClient(transport=transport, base_url=f"http://localhost{API_ROOT}/", timeout=timeout)
 

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from provisioner.errors import SpecError
+from provisioner.errors import validated
 from vfio.address import parse_address
 
 NODE_NAMESPACE = uuid.UUID("6f1c2b8e-6d53-4c1f-9a0e-8e5b7b1d0c11")
@@ -142,12 +142,7 @@ class VmSpec(BaseModel):
 
 def vm_spec(**fields: Any) -> VmSpec:
     """`VmSpec(**fields)`, with pydantic's errors turned into one `SpecError` naming each field and its fix."""
-    try:
-        return VmSpec(**fields)
-    except ValidationError as error:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in error.errors()]
-        raise SpecError("bad VM spec:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+    return validated(VmSpec, fields, "VM spec")
 
 
 def vm_config(spec: VmSpec, *, vsock_socket: Path, serial_log: Path) -> dict[str, Any]:

@@ -31,7 +31,8 @@ for _name, (_low, _high) in _INT_RANGES.items():
 
 @cache
 def spec() -> dict[str, Any]:
-    return yaml.safe_load(SPEC_PATH.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10 ms instead of 90 for every VMM start
+    return yaml.load(SPEC_PATH.read_text(), Loader=loader)
 
 
 @cache

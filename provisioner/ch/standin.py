@@ -21,7 +21,11 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
     seed            for the latency draw (default: random)
     fault           "boot-fails" | "crash-mid-boot" | "hang:<endpoint>" | "slow-boot"
     slow_x          how much slower "slow-boot" is (default 20)
-    guest           argv of the guest program (default: none; the "guest" idles until powered off)
+    guest           argv of the guest program, or "builtin": a simulated guest agent inside the stand-in
+                    (hello, config, `join_s` later ready, heartbeats; powers off when the host end goes
+                    away), which lets one machine run many VMs' worth of stand-ins (benchmarks)
+                    (default: none; the "guest" idles until powered off)
+    join_s          the builtin guest's time from hello to ready, as a Ray join would take (default 0)
     version         what vmm.ping reports (default "v53.0")
 """
 
@@ -33,6 +37,8 @@ import math
 import os
 import random
 import signal
+import select
+import socket
 import socketserver
 import subprocess
 import sys
@@ -226,6 +232,11 @@ class StandIn:
         if not argv:
             return
         config = self.config
+        if argv == "builtin":
+            self.guest = _BuiltinGuest(self, config, float(self.settings.get("join_s", 0)))
+            self.guest.start()
+            threading.Thread(target=self._watch_guest, args=(self.guest,), daemon=True).start()
+            return
         env = dict(os.environ)
         env.pop("HEARTH_STANDIN", None)
         oem = config.get("platform", {}).get("oem_strings", [])
@@ -259,6 +270,53 @@ class StandIn:
         if guest is not None:
             guest.kill()
             guest.wait()
+
+
+class _BuiltinGuest(threading.Thread):
+    """A simulated guest agent, for many stand-ins on one machine. Offers what the stand-in uses of Popen."""
+
+    def __init__(self, vmm: StandIn, config: dict[str, Any], join_s: float) -> None:
+        super().__init__(daemon=True)
+        self.vmm, self.config, self.join_s = vmm, config, join_s
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        oem = dict(s.split("=", 1) for s in self.config.get("platform", {}).get("oem_strings", []) if "=" in s)
+        path = self.config["vsock"]["socket"] + "_1024"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+                stream = sock.makefile("rwb")
+                self._send(stream, {"op": "hello", "node": oem.get("hearth-node"), "detail": "stand-in guest"})
+                config = json.loads(stream.readline() or b"{}")
+                if self.halt.wait(self.join_s):
+                    return
+                self._send(stream, {"op": "ready"})
+                deadline = time.monotonic() + config.get("poweroff_after", 1e9)
+                while not self.halt.is_set() and time.monotonic() < deadline:
+                    if select.select([sock], [], [], 0.5)[0]:
+                        line = stream.readline()
+                        if not line or json.loads(line).get("op") == "stop":
+                            break  # told to stop, or the host end is gone: power off
+                    else:
+                        self._send(stream, {"op": "heartbeat"})
+        except OSError as error:
+            self.vmm.say(f"builtin guest: guest channel {path}: {error}")
+
+    @staticmethod
+    def _send(stream, message: dict[str, Any]) -> None:
+        stream.write(json.dumps(message).encode() + b"\n")
+        stream.flush()
+
+    def send_signal(self, sig: int) -> None:
+        self.halt.set()
+
+    def kill(self) -> None:
+        self.halt.set()
+
+    def wait(self) -> int:
+        self.join()
+        return 0
 
 
 def _vfio_problem(path: str) -> str | None:

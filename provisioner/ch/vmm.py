@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,24 @@ from provisioner.ch.api import BOOT_TIMEOUT, ChClient, check_version
 from provisioner.ch.config import VmSpec, vm_config
 from provisioner.ch.monitor import EventStream, VmmEvent
 from provisioner.errors import SpecError, VmmError, VmmExited, VmmTimeout
-from provisioner.events import NodeEvent, NodeHistory, NodeState
+from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.guest_channel import GUEST_PORT, GuestChannel
 from provisioner.net import create_tap, delete_tap
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-TERMINAL = (NodeState.failed, NodeState.stopping, NodeState.stopped)
 
 
 class ChVm:
     def __init__(self, spec: VmSpec, run_dir: Path, *, binary: str = "cloud-hypervisor",
-                 history: NodeHistory | None = None, on_event: Callable[[NodeEvent], None] | None = None,
+                 history: NodeHistory | None = None, on_event: OnEvent | None = None,
                  guest_config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                  api_timeout: float = 5.0, start_timeout: float = 10.0, boot_timeout: float = BOOT_TIMEOUT,
                  create_tap: bool = False, bridge: str | None = None, scratch_mib: int = 0) -> None:
         self.spec = spec
         self.dir = run_dir / spec.node_id
         self.binary = binary
-        self.history = history or NodeHistory(spec.node_id)
-        self.on_event = on_event
+        self.tracker = NodeTracker(history or NodeHistory(spec.node_id), on_event)
+        self.history = self.tracker.history
         self.guest_config = guest_config or {}
         self.env = env
         self.api_timeout, self.start_timeout, self.boot_timeout = api_timeout, start_timeout, boot_timeout
@@ -67,7 +65,6 @@ class ChVm:
         self._tap_made = False
         self._starting = False
         self._stopping = False
-        self._waiters: list[tuple[NodeState, asyncio.Future]] = []
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,17 +88,7 @@ class ChVm:
             self._starting = False
 
     async def wait_for(self, state: NodeState, timeout: float) -> None:
-        """Wait until the node reaches `state`; `VmmError` if it fails or stops first, `VmmTimeout` after
-        `timeout` seconds."""
-        if self._reached(state):
-            return
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append((state, future))
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise VmmTimeout(f"node {self.spec.node_id}: not {state.value} after {timeout:g} s "
-                             f"(still {self.history.state.value})") from None
+        await self.tracker.wait_for(state, timeout)
 
     async def stop(self, grace: float = 10.0, remove_logs: bool = False) -> None:
         """Shut the VM down in steps, then remove everything the node made. Idempotent."""
@@ -248,22 +235,7 @@ class ChVm:
             self._transition(NodeState.ray_joined)
 
     def _transition(self, state: NodeState, detail: str | None = None) -> None:
-        event = self.history.transition(state, detail)
-        if self.on_event is not None:
-            self.on_event(event)
-        for waited, future in list(self._waiters):
-            if future.done():
-                self._waiters.remove((waited, future))
-            elif self._reached(waited):
-                future.set_result(None)
-                self._waiters.remove((waited, future))
-            elif state in TERMINAL:
-                future.set_exception(VmmError(f"node {self.spec.node_id} {state.value} before {waited.value}"
-                                              + (f": {detail}" if detail else "")))
-                self._waiters.remove((waited, future))
-
-    def _reached(self, state: NodeState) -> bool:
-        return any(e.state == state for e in self.history.events)
+        self.tracker.transition(state, detail)
 
     # -- stop, step by step ----------------------------------------------------------------------
     async def _shut_down(self, grace: float) -> None:

@@ -1,0 +1,104 @@
+"""The `local` backend: each node is a `ray start --block` process on this machine. No VM, no GPU.
+
+It is the embedded default (laptops, demos, CI). A node gets the same labels and events as a VM node:
+    vmm_started  the process is spawned          booting    it runs
+    guest_up     it printed its first line        ray_joined  "Ray runtime started"
+Ray sees `gpus_per_node` GPUs on it, as `ray.cluster_utils.Cluster` fakes them, so GPU code schedules.
+Each node has its own temp dir and ports (several raylets on one machine race for Ray's defaults), dies
+with the process that started it (PR_SET_PDEATHSIG), and its whole process group is killed on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections import deque
+from pathlib import Path
+
+from provisioner.backends import JoinInfo
+from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
+from provisioner.placement import NodePlacement
+from provisioner.ray_head import (die_with_parent, free_ports, local_env, node_ports, ray_executable,
+                                  stop_process_group)
+
+
+class LocalBackend:
+    name = "local"
+    physical_gpus = False
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+
+    def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
+             on_event: OnEvent | None) -> LocalNode:
+        index = placement.node_id.rsplit("-", 1)[-1]  # short: Ray's socket paths under it have 107 bytes
+        return LocalNode(self.work_dir / index, join, NodeTracker(history, on_event))
+
+
+class LocalNode:
+    def __init__(self, work_dir: Path, join: JoinInfo, tracker: NodeTracker) -> None:
+        self.dir = work_dir
+        self.join = join
+        self.tracker = tracker
+        self.history = tracker.history
+        self.process: asyncio.subprocess.Process | None = None
+        self.exited = asyncio.Event()
+        self.output: deque[str] = deque(maxlen=20)
+        self._stopping = False
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        low = free_ports(1)[0]  # a worker port range of its own, so raylets don't race for ports
+        labels = ",".join(f"{k}={v}" for k, v in self.join.labels.items())
+        host, _ = self.join.address.rsplit(":", 1)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                ray_executable(), "start", f"--address={self.join.address}", "--block",
+                f"--num-cpus={self.join.num_cpus}", f"--num-gpus={self.join.num_gpus}", f"--labels={labels}",
+                f"--node-ip-address={host}", f"--temp-dir={self.dir}", "--disable-usage-stats",
+                f"--min-worker-port={low}", f"--max-worker-port={min(low + 99, 65535)}", *node_ports(),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env=local_env(**self.join.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.join.token),
+                start_new_session=True, preexec_fn=die_with_parent)
+        except OSError as error:
+            self.tracker.transition(NodeState.failed, f"cannot run ray start: {error}")
+            await self.stop()
+            raise
+        self.tracker.transition(NodeState.vmm_started, f"pid {self.process.pid}")
+        self.tracker.transition(NodeState.booting)
+        self._reader = asyncio.create_task(self._follow())
+
+    async def wait_for(self, state: NodeState, timeout: float) -> None:
+        await self.tracker.wait_for(state, timeout)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
+        if self.tracker.state not in (NodeState.stopping, NodeState.stopped):
+            self.tracker.transition(NodeState.stopping)
+        if self.process is not None:
+            await stop_process_group(self.process, grace)
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.tracker.state != NodeState.stopped:
+            self.tracker.transition(NodeState.stopped)
+
+    async def _follow(self) -> None:
+        """Read `ray start`'s output for the boot phases; notice when the process ends."""
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.output.append(line)
+            if self.tracker.state == NodeState.booting:
+                self.tracker.transition(NodeState.guest_up)
+            if "Ray runtime started" in line and self.tracker.state == NodeState.guest_up:
+                self.tracker.transition(NodeState.ray_joined)
+        code = await self.process.wait()
+        self.exited.set()
+        if not self._stopping and self.tracker.state not in TERMINAL:
+            tail = "\n    ".join(list(self.output)[-5:])
+            self.tracker.transition(NodeState.failed, f"ray start exited with status {code}; last output:\n    {tail}")
+            await self.stop()

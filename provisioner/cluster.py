@@ -1,0 +1,107 @@
+"""One cluster's life, asynchronously: its Ray head, its backend and its boot engine, and a summary of it.
+
+The notebook `Cluster` and the `hearth up` supervisor are thin fronts over `ClusterRun`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from provisioner.backends import Backend
+from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
+from provisioner.backends.local import LocalBackend
+from provisioner.engine import Engine, NodeRecord
+from provisioner.errors import SpecError
+from provisioner.events import OnEvent
+from provisioner.placement import GpuSlot, host_gpus
+from provisioner.ray_head import RayHead
+from provisioner.spec import ClusterSpec, Host, Inventory
+
+
+# The longest socket Ray makes under it: <dir>/n/1023/session_2026-11-27_06-01-47_722129_21163/sockets/plasma_store
+MAX_WORK_DIR = 107 - len("/n/1023/session_2026-11-27_06-01-47_722129_4194304/sockets/plasma_store")
+
+
+class ClusterRun:
+    def __init__(self, spec: ClusterSpec, work_dir: Path, *, inventory: Inventory | None = None,
+                 on_event: OnEvent | None = None, standin: StandinSettings | None = None,
+                 with_ray: bool = True) -> None:
+        """`with_ray=False` boots nodes without a Ray head, ready when the guest says it joined: only for
+        stand-in VMMs whose guests run no Ray (benchmarks of the control plane)."""
+        self.spec = spec
+        self.work_dir = work_dir
+        self.on_event = on_event
+        if len(str(work_dir)) > MAX_WORK_DIR:
+            raise SpecError(f"run directory {work_dir} is longer than {MAX_WORK_DIR} characters: Ray's Unix sockets "
+                            "under it would pass the 107-byte limit. Set HEARTH_RUN_DIR to a shorter path")
+        self.head = RayHead(work_dir) if with_ray else None
+        hosts = inventory.hosts if inventory else [Host(name="local")]
+        self.backend: Backend
+        free: list[GpuSlot] = []
+        if spec.backend == "local":
+            self.backend = LocalBackend(work_dir / "n")
+        else:
+            self.backend = CloudHypervisorBackend(spec, hosts, work_dir / "vms", standin=standin)
+            if spec.gpus_per_node:
+                free = [slot for host in hosts for slot in host_gpus(host)]
+        self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts], free_gpus=free,
+                             on_event=on_event, verify_ray=with_ray,
+                             host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
+        self.status = "new"
+        self.error: str | None = None
+
+    async def up(self) -> list[NodeRecord]:
+        self.status = "booting"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine.plan()  # short capacity fails here, before the head or any node starts
+            if self.head is not None:
+                await self.head.start()
+            ready = await self.engine.up()
+        except BaseException as error:
+            cancelled = isinstance(error, asyncio.CancelledError)
+            self.status, self.error = "failed", "cancelled" if cancelled else str(error) or type(error).__name__
+            await self.down(keep_status=True)
+            raise
+        self.status = "ready"
+        return ready
+
+    async def down(self, keep_status: bool = False) -> None:
+        await self.engine.down()
+        if self.head is not None:
+            await self.head.stop()
+        shutil.rmtree(self.work_dir / "n", ignore_errors=True)
+        if not keep_status:
+            self.status = "stopped"
+
+    def summary(self) -> dict[str, Any]:
+        """What `hearth status`, the widget and the status page show (JSON-able; no secrets)."""
+        engine = self.engine
+        return {
+            "name": self.spec.name, "backend": self.spec.backend, "status": self.status, "error": self.error,
+            "pid": os.getpid(), "nodes_asked": self.spec.nodes, "min_nodes": self.spec.required_nodes,
+            "started_at": engine.started_at, "ready_at": engine.ready_at,
+            "ray": {"address": self.head.address, "dashboard": self.head.dashboard_url} if self.head else None,
+            "nodes": [_node_summary(r) for r in engine.nodes.values()],
+        }
+
+
+def _node_summary(record: NodeRecord) -> dict[str, Any]:
+    history = record.history
+    last = history.events[-1] if history.events else None
+    return {
+        "id": record.node_id, "host": record.placement.host, "gpus": [g.address for g in record.placement.gpus],
+        "state": last.state.value if last else "new", "detail": last.detail if last else None,
+        "since": last.at if last else None, "ray_node_id": record.ray_node_id, "attempts": len(record.attempts),
+        "errors": record.errors, "profile": history.profile(),
+        "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events],
+    }
+
+
+def default_work_dir(name: str) -> Path:
+    """Short, because Unix socket paths under it must fit in 107 bytes."""
+    return Path(os.environ.get("HEARTH_RUN_DIR", "/tmp/hearth")) / name

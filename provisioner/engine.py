@@ -1,0 +1,200 @@
+"""The parallel boot engine: N nodes at once, so a cluster is ready after about its slowest node.
+
+    place every node (pure; short capacity fails here, before anything starts)
+    boot all nodes concurrently, each within boot_timeout, a host's boots capped where it asks
+      a node that fails or times out is stopped, and retried once on other GPUs
+    a node is ready when the Ray head shows a live node carrying its label
+    ready >= min_nodes: the cluster is up (the failures are reported)
+    otherwise, or on cancel (Ctrl-C, close()): everything started is torn down
+
+Every node's states are timestamped (see events.py); their durations are its boot profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from provisioner.backends import Backend, JoinInfo, NodeProcess
+from provisioner.errors import HearthError
+from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
+from provisioner.placement import GpuSlot, NodePlacement, PlacementError, place
+from provisioner.ray_head import RayHead
+from provisioner.spec import ClusterSpec
+
+NODE_LABEL = "hearth.io/node"
+ATTEMPT_LABEL = "hearth.io/attempt"  # a retried node's first Ray node may linger ALIVE for a while
+
+
+class BootError(HearthError):
+    pass
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    placement: NodePlacement
+    attempts: list[NodeHistory] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    process: NodeProcess | None = None
+    ray_node_id: str | None = None
+
+    @property
+    def history(self) -> NodeHistory:
+        return self.attempts[-1]
+
+    @property
+    def ready(self) -> bool:
+        return self.history.state == NodeState.ready
+
+
+class Engine:
+    def __init__(self, spec: ClusterSpec, backend: Backend, *, head: RayHead | None, hosts: list[str],
+                 free_gpus: list[GpuSlot] = (), on_event: OnEvent | None = None,
+                 host_limits: dict[str, int] | None = None, verify_ray: bool = True) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.head = head
+        self.hosts = hosts
+        self.on_event = on_event
+        self.verify_ray = verify_ray and head is not None
+        self.nodes: dict[str, NodeRecord] = {}
+        self.control_cpu_s = 0.0  # this process's CPU time spent booting: the control plane's cost
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self._pool = list(free_gpus)
+        self._limits = {h: asyncio.Semaphore(n) for h, n in (host_limits or {}).items()}
+        self._seen: dict[str, asyncio.Future] = {}
+
+    def plan(self) -> None:
+        """Place every node, or raise `PlacementError` (what is free where) before anything starts."""
+        if self.nodes:
+            return
+        placements = place(self.spec.node_ids(), self._gpus_per_node, self.hosts, self._pool)
+        taken = {(g.host, g.address) for p in placements for g in p.gpus}
+        self._pool = [g for g in self._pool if (g.host, g.address) not in taken]
+        self.nodes = {p.node_id: NodeRecord(p.node_id, p, attempts=[NodeHistory(p.node_id)]) for p in placements}
+
+    @property
+    def _gpus_per_node(self) -> int:
+        """Physical GPUs to place per node; the local backend's are Ray's fake ones."""
+        return self.spec.gpus_per_node if self.backend.physical_gpus else 0
+
+    async def up(self) -> list[NodeRecord]:
+        """Boot every node; returns the ready ones, or raises `BootError` with nothing left running."""
+        self.plan()
+        self.started_at, cpu = time.time(), time.process_time()
+        poller = asyncio.create_task(self._poll()) if self.verify_ray else None
+        try:
+            await asyncio.gather(*(self._boot(record) for record in self.nodes.values()))
+        except BaseException:
+            await self.down()
+            raise
+        finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            self.control_cpu_s = time.process_time() - cpu
+        ready = [r for r in self.nodes.values() if r.ready]
+        if len(ready) < self.spec.required_nodes:
+            failed = [r for r in self.nodes.values() if not r.ready]
+            await self.down()
+            raise BootError(
+                f"only {len(ready)} of {self.spec.nodes} nodes became ready (min_nodes {self.spec.required_nodes}); "
+                "everything was torn down. Failed:\n"
+                + "\n".join(f"  - {r.node_id}: {'; then '.join(r.errors)}" for r in failed))
+        self.ready_at = time.time()
+        return ready
+
+    async def down(self, grace: float = 5.0) -> None:
+        """Stop every node this engine started. Idempotent."""
+        await asyncio.gather(*(r.process.stop(grace) for r in self.nodes.values() if r.process is not None),
+                             return_exceptions=True)
+
+    async def _boot(self, record: NodeRecord) -> None:
+        placement = record.placement
+        for attempt in (1, 2):
+            if attempt > 1:
+                record.attempts.append(NodeHistory(record.node_id))
+            history = record.history
+            tracker = NodeTracker(history, self.on_event)
+            tracker.transition(NodeState.requested, None if attempt == 1 else f"retry: {record.errors[-1]}")
+            tracker.transition(NodeState.placed, _where(placement))
+            record.placement = placement
+            join = self._join(placement, attempt)
+            process = record.process = self.backend.node(placement, join, history, self.on_event)
+            deadline = time.monotonic() + self.spec.boot_timeout
+            try:
+                async with self._limits.get(placement.host) or contextlib.nullcontext():
+                    await asyncio.wait_for(process.start(), _left(deadline))
+                await process.wait_for(NodeState.ray_joined, _left(deadline))
+                if self.verify_ray:
+                    seen = self._seen_future((record.node_id, str(attempt)))
+                    record.ray_node_id = await asyncio.wait_for(seen, _left(deadline))
+                process.tracker.transition(NodeState.ready, f"Ray node {record.ray_node_id}" if record.ray_node_id else None)
+                return
+            except (HearthError, asyncio.TimeoutError, OSError) as error:
+                reason = _reason(error, self.spec.boot_timeout)
+                record.errors.append(reason)
+                if history.state not in TERMINAL:
+                    process.tracker.transition(NodeState.failed, reason)
+                await process.stop(0)
+            if attempt == 1:
+                try:
+                    placement = self._replace(placement)
+                except PlacementError as error:
+                    record.errors.append(f"no retry: {error}")
+                    return
+
+    def _replace(self, failed: NodePlacement) -> NodePlacement:
+        """Other GPUs for a node whose boot failed; its GPUs are not used again in this run."""
+        (placement,) = place([failed.node_id], self._gpus_per_node, self.hosts, self._pool)
+        taken = {g.address for g in placement.gpus}
+        self._pool = [g for g in self._pool if not (g.host == placement.host and g.address in taken)]
+        return placement
+
+    def _join(self, placement: NodePlacement, attempt: int) -> JoinInfo:
+        labels = {NODE_LABEL: placement.node_id, ATTEMPT_LABEL: str(attempt), "hearth.io/cluster": self.spec.name,
+                  "hearth.io/gpu-type": self.spec.gpu_type or ("none" if not self.spec.gpus_per_node else "unknown"),
+                  **self.spec.labels}
+        return JoinInfo(address=self.head.address if self.head else "", token=self.head.token if self.head else "",
+                        num_cpus=self.spec.cpus, num_gpus=self.spec.gpus_per_node, labels=labels, env=self.spec.env)
+
+    def _seen_future(self, key: tuple[str, str]) -> asyncio.Future:
+        if key not in self._seen:
+            self._seen[key] = asyncio.get_running_loop().create_future()
+        return self._seen[key]
+
+    async def _poll(self) -> None:
+        """One poller for all nodes: the head's live nodes, matched to ours by label."""
+        while True:
+            try:
+                nodes = await self.head.nodes()
+            except (httpx.HTTPError, KeyError, ValueError):
+                nodes = []
+            for node in nodes:
+                labels = node.get("labels") or {}
+                future = self._seen.get((labels.get(NODE_LABEL), labels.get(ATTEMPT_LABEL)))
+                if node.get("state") == "ALIVE" and future is not None and not future.done():
+                    future.set_result(node["node_id"])
+            await asyncio.sleep(0.25)
+
+
+def _where(placement: NodePlacement) -> str:
+    gpus = ", ".join(g.address for g in placement.gpus)
+    return f"{placement.host}" + (f": {gpus}" if gpus else "")
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _reason(error: BaseException, timeout: float) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return f"not ready within boot_timeout ({timeout:g} s)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -1,0 +1,91 @@
+"""Where each node runs and which GPUs it gets: pure functions, testable without hardware.
+
+A node with several GPUs gets them from one locality domain: one NVLink clique where the inventory names
+the cliques (VFIO hides NVLink from sysfs), else one NUMA node. Within that rule a node goes to the domain
+that fits it most tightly (so big nodes still find room later), and among equals to the host with most
+free GPUs (so boots spread across hosts). Short capacity is an error that says what is free where.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pydantic import BaseModel
+
+from provisioner.errors import HearthError
+from provisioner.spec import Host
+from vfio.hostroot import HostRoot
+from vfio.pci import VFIO_DRIVER, PciTopology
+
+
+class PlacementError(HearthError):
+    pass
+
+
+class GpuSlot(BaseModel, frozen=True):
+    host: str
+    address: str
+    numa: int | None = None
+    clique: int | None = None
+    functions: list[str] = []  # the other functions of its IOMMU group, which go along
+
+    @property
+    def domain(self) -> tuple[str, str]:
+        return (self.host, f"clique {self.clique}" if self.clique is not None else f"NUMA {self.numa}")
+
+
+class NodePlacement(BaseModel, frozen=True):
+    node_id: str
+    host: str
+    gpus: list[GpuSlot] = []
+
+
+def host_gpus(host: Host) -> list[GpuSlot]:
+    """The host's GPUs that a VM can take now: on vfio-pci, in a viable IOMMU group."""
+    topology = PciTopology(HostRoot(host.host_root))
+    cliques = {address: index for index, clique in enumerate(host.nvlink_cliques) for address in clique}
+    return [
+        GpuSlot(host=host.name, address=gpu.address, numa=gpu.numa_node, clique=cliques.get(gpu.address),
+                functions=[c.address for c in topology.companions(gpu)])
+        for gpu in topology.gpus
+        if gpu.driver == VFIO_DRIVER and topology.group_viable(gpu)
+    ]
+
+
+def place(node_ids: list[str], gpus_per_node: int, hosts: list[str], free: list[GpuSlot]) -> list[NodePlacement]:
+    """One placement per node id, or `PlacementError` naming what is free where."""
+    if gpus_per_node == 0:
+        return [NodePlacement(node_id=n, host=hosts[i % len(hosts)]) for i, n in enumerate(node_ids)]
+    domains: dict[tuple[str, str], list[GpuSlot]] = defaultdict(list)
+    for slot in sorted(free, key=lambda s: s.address):
+        domains[slot.domain].append(slot)
+    need = len(node_ids) * gpus_per_node
+    if need > len(free):
+        raise PlacementError(f"need {len(node_ids)} nodes x {gpus_per_node} GPUs = {need} GPUs, but only "
+                             f"{len(free)} are free: {_free_text(domains)}. Ask for fewer, or bind more GPUs "
+                             "on the hosts (hearth vfio bind --all-gpus --persist)")
+    placements = []
+    for node in node_ids:
+        fitting = [d for d, slots in domains.items() if len(slots) >= gpus_per_node]
+        if not fitting:
+            raise PlacementError(
+                f"no host has {gpus_per_node} free GPUs in one NVLink clique or NUMA node for node {node} "
+                f"({len(placements)} of {len(node_ids)} placed); free now: {_free_text(domains)}. Use fewer GPUs "
+                "per node, or name the hosts' NVLink cliques in the hosts file")
+        host_free = defaultdict(int)
+        for (host, _), slots in domains.items():
+            host_free[host] += len(slots)
+        best = min(fitting, key=lambda d: (len(domains[d]), -host_free[d[0]], d))
+        taken, domains[best] = domains[best][:gpus_per_node], domains[best][gpus_per_node:]
+        placements.append(NodePlacement(node_id=node, host=best[0], gpus=taken))
+    return placements
+
+
+def _free_text(domains: dict[tuple[str, str], list[GpuSlot]]) -> str:
+    by_host: dict[str, list[str]] = defaultdict(list)
+    for (host, domain), slots in sorted(domains.items()):
+        by_host[host].append(f"{domain}: {len(slots)}")
+    if not by_host:
+        return "none"
+    return "; ".join(f"{host} {sum(int(p.rsplit(': ', 1)[1]) for p in parts)} ({', '.join(parts)})"
+                     for host, parts in by_host.items())

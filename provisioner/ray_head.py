@@ -1,0 +1,175 @@
+"""The cluster's Ray head, started by the controller (the notebook kernel or `hearth up`'s supervisor).
+
+`ray start --head --block` runs as a child process in its own session, so hearth owns it: stopping it
+stops GCS, dashboard and agents, and the whole process group is killed if anything lingers. It dies with
+its parent too (PR_SET_PDEATHSIG), so a controller that is killed takes its head with it.
+
+Token authentication is on (`RAY_AUTH_MODE=token`) with a fresh token per cluster; every node, driver and
+job client gets it (VMs over the guest channel, never a command line). Ports are chosen here, not by Ray,
+so two clusters on one machine, and several local nodes beside the head, never collide: Ray's defaults
+(dashboard agent 52365 and its random picks) race when raylets start at the same moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from provisioner.errors import HearthError
+
+PR_SET_PDEATHSIG = 1
+
+
+class RayError(HearthError):
+    pass
+
+
+def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
+    """`count` distinct ports that were free a moment ago (bound together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def node_ports() -> list[str]:
+    """`ray start` flags giving a raylet and its agents ports of their own."""
+    ports = free_ports(6)
+    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+    return [f"{name}={port}" for name, port in zip(names, ports)]
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the thread that started it ends (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    """The environment for a Ray process on this machine: ours, `extra`, and this Python's bin directory
+    first on PATH, so that `python` in a job's entrypoint is the one that has Ray."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **extra, "PATH": path}
+
+
+def ray_executable() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    found = str(candidate) if candidate.exists() else shutil.which("ray")
+    if not found:
+        raise RayError("the `ray` command is not installed beside this Python; pip install 'ray[default]'")
+    return found
+
+
+class RayHead:
+    def __init__(self, work_dir: Path, *, host: str = "127.0.0.1", token: str | None = None,
+                 start_timeout: float = 90.0) -> None:
+        self.work_dir = work_dir
+        self.host = host
+        self.token = token or secrets.token_hex(32)
+        self.start_timeout = start_timeout
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        self.process: asyncio.subprocess.Process | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every Ray process of this cluster needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def use_in_this_process(self) -> None:
+        """Make `ray.init(address=head.address)` in this process authenticate with this cluster's token.
+
+        Ray reads the mode and token once and caches them in its C++ core, so a process that already
+        imported Ray (a notebook kernel, a test run) must refresh those caches after changing them.
+        """
+        os.environ.update(self.env)
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    async def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.work_dir / "head.log", "ab")
+        self.process = await asyncio.create_subprocess_exec(
+            ray_executable(), "start", "--head", "--block", f"--port={self.gcs_port}",
+            f"--node-ip-address={self.host}", f"--dashboard-host={self.host}",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
+            "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.work_dir / 'h'}", "--disable-usage-stats",
+            *node_ports(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            env=local_env(**self.env), start_new_session=True, preexec_fn=die_with_parent)
+        log.close()
+        self._http = httpx.AsyncClient(base_url=self.dashboard_url, headers=self.headers, timeout=5.0)
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while True:
+                if self.process.returncode is not None:
+                    raise RayError(f"the Ray head exited with status {self.process.returncode}; "
+                                   f"see {self.work_dir / 'head.log'}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await self._http.get("/api/version")).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RayError(f"the Ray head's dashboard did not answer within {self.start_timeout:g} s; "
+                                   f"see {self.work_dir / 'head.log'}")
+                await asyncio.sleep(0.1)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Live and dead Ray nodes with their labels, from the dashboard's state API."""
+        response = await self._http.get("/api/v0/nodes", params={"limit": 10000, "detail": "true"})
+        response.raise_for_status()
+        return response.json()["data"]["result"]["result"]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        if self.process is None or self.process.returncode is not None:
+            return
+        await stop_process_group(self.process, grace)
+
+
+async def stop_process_group(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the leader (`ray start --block` then stops its raylet and agents in order), wait `grace`,
+    then SIGKILL the whole process group, so nothing it started can outlive it; always wait for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(process.wait(), grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()

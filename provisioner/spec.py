@@ -1,0 +1,186 @@
+"""What a user asks for (`ClusterSpec`) and where it may run (`Inventory`, the hosts file), validated up
+front: unknown keys are refused, and every error names the field and the fix, before anything starts."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from provisioner.errors import SpecError, validated
+from vfio.address import parse_address
+
+Backend = Literal["local", "cloud-hypervisor"]
+_LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
+RESERVED_LABEL_PREFIXES = ("hearth.io/", "ray.io/")
+
+
+class ClusterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nodes: int = 2
+    gpus_per_node: int = 0
+    gpu_type: str | None = None
+    cpus: int = 1
+    memory_gib: int = 4
+    image: Path | None = None  # the guest image directory (vmlinuz, initrd.img, rootfs.img); VMs only
+    boot_timeout: float = 300.0
+    min_nodes: int | None = None  # default: all of them
+    labels: dict[str, str] = {}
+    env: dict[str, str] = {}
+    backend: Backend = "local"
+    name: str = ""
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, value: int) -> int:
+        if not 1 <= value <= 1024:
+            raise ValueError("ask for 1 to 1024 nodes")
+        return value
+
+    @field_validator("gpus_per_node")
+    @classmethod
+    def _gpus(cls, value: int) -> int:
+        if not 0 <= value <= 16:
+            raise ValueError("a node has 0 to 16 GPUs (an HGX host has 8)")
+        return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: int) -> int:
+        if not 1 <= value <= 254:
+            raise ValueError("a node has 1 to 254 CPUs")
+        return value
+
+    @field_validator("memory_gib")
+    @classmethod
+    def _memory(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("give each node at least 1 GiB (Ray needs about that)")
+        return value
+
+    @field_validator("boot_timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("boot_timeout is in seconds and must be positive")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            if not _LABEL_KEY.fullmatch(key):
+                raise ValueError(f"label key {key!r} is not valid: use [prefix/]name of letters, digits, '-', '_', '.'")
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(f"label key {key!r} uses a reserved prefix ({', '.join(RESERVED_LABEL_PREFIXES)}): "
+                                 "hearth sets those itself")
+            if not _LABEL_VALUE.fullmatch(label):
+                raise ValueError(f"label {key}={label!r}: values are up to 63 letters, digits, '-', '_', '.'")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"env name {key!r} is not a valid environment variable name")
+            if key.startswith("RAY_AUTH"):
+                raise ValueError(f"env {key}: hearth sets Ray's authentication itself")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        value = value or f"hearth-{secrets.token_hex(3)}"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,23}", value):
+            raise ValueError("use up to 24 lower-case letters, digits and '-' (it names nodes and sockets)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSpec:
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"min_nodes must be between 1 and nodes ({self.nodes})")
+        if self.backend == "cloud-hypervisor":
+            if self.image is None:
+                raise ValueError("the cloud-hypervisor backend needs image= (a directory with vmlinuz, initrd.img, "
+                                 "rootfs.img; `hearth guest build` makes one)")
+            missing = [f for f in ("vmlinuz", "rootfs.img") if not (self.image / f).is_file()]
+            if missing:
+                raise ValueError(f"image {self.image} lacks {', '.join(missing)}; build it with `hearth guest build`")
+        return self
+
+    @property
+    def required_nodes(self) -> int:
+        return self.min_nodes or self.nodes
+
+    def node_ids(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(self.nodes)]
+
+
+class HostNetwork(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bridge: str | None = None
+    subnet: str | None = None
+
+
+class Host(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    address: str = "local"  # "local", or ssh://user@host[:port] (through the host agent)
+    cloud_hypervisor: str = "cloud-hypervisor"
+    host_root: Path = Path("/")
+    max_concurrent_boots: int | None = None
+    nvlink_cliques: list[list[str]] = []  # GPUs that share an NVLink domain; VFIO hides it from sysfs
+    network: HostNetwork = HostNetwork()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value != "local" and not re.fullmatch(r"ssh://([^@/\s]+@)?[^@/:\s]+(:\d+)?", value):
+            raise ValueError("address is 'local' or ssh://user@host[:port]")
+        return value
+
+    @field_validator("nvlink_cliques")
+    @classmethod
+    def _cliques(cls, value: list[list[str]]) -> list[list[str]]:
+        return [[parse_address(a) for a in clique] for clique in value]
+
+    @field_validator("max_concurrent_boots")
+    @classmethod
+    def _concurrency(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("max_concurrent_boots is at least 1 (leave it out for no limit)")
+        return value
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hosts: list[Host]
+
+    @model_validator(mode="after")
+    def _unique(self) -> Inventory:
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"host names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        if not self.hosts:
+            raise ValueError("list at least one host under hosts:")
+        return self
+
+
+def cluster_spec(**fields) -> ClusterSpec:
+    return validated(ClusterSpec, fields, "cluster spec")
+
+
+def load_inventory(path: Path) -> Inventory:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise SpecError(f"hosts file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"hosts file {path} is not valid YAML: {error}") from None
+    return validated(Inventory, data if isinstance(data, dict) else {"hosts": data}, f"hosts file {path}")

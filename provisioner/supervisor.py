@@ -1,0 +1,109 @@
+"""The process that owns a cluster started by `hearth up`, so the cluster outlives the command.
+
+`hearth up` writes the spec into a state directory and starts `python -m provisioner.supervisor DIR` in a
+session of its own. The supervisor boots the cluster and keeps it: the Ray head and every node are its
+children and die with it (PR_SET_PDEATHSIG). It records what happens in DIR:
+
+    spec.json     the cluster spec               events.jsonl  every node event, as it happens
+    state.json    ClusterRun.summary(), rewritten atomically on every event
+    token         the cluster's Ray token (mode 0600; never in state.json)
+
+SIGTERM or SIGINT (what `hearth down` sends) tears the cluster down and ends the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from provisioner.cluster import ClusterRun, default_work_dir
+from provisioner.events import NodeEvent
+from provisioner.spec import ClusterSpec, load_inventory
+
+
+def state_root() -> Path:
+    return Path(os.environ.get("HEARTH_STATE_DIR", "~/.hearth")).expanduser() / "clusters"
+
+
+def read_state(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(state: dict[str, Any] | None) -> bool:
+    if not state or not state.get("pid"):
+        return False
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+async def supervise(directory: Path) -> int:
+    spec = ClusterSpec.model_validate_json((directory / "spec.json").read_text())
+    hosts_file = directory / "hosts.yaml"
+    inventory = load_inventory(hosts_file) if hosts_file.exists() else None
+    events = open(directory / "events.jsonl", "a", buffering=1)
+    run: ClusterRun
+
+    def save() -> None:
+        _write_atomic(directory / "state.json", json.dumps(run.summary(), indent=1))
+
+    def on_event(event: NodeEvent) -> None:
+        events.write(event.model_dump_json() + "\n")
+        save()
+
+    run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=on_event)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if run.head is not None:
+        _write_atomic(directory / "token", run.head.token, mode=0o600)
+    save()
+    booting = asyncio.create_task(run.up())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({booting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if not booting.done():  # `hearth down` (or Ctrl-C in `hearth up`) while booting: cancel tears it down
+        booting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await booting
+    elif booting.exception() is not None:
+        code = 1
+    else:
+        save()
+        await stop.wait()
+        await run.down()
+    save()
+    with contextlib.suppress(FileNotFoundError):
+        (directory / "token").unlink()
+    events.close()
+    return code
+
+
+def main() -> None:
+    sys.exit(asyncio.run(supervise(Path(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

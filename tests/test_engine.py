@@ -1,0 +1,271 @@
+"""The cluster engine: spec and placement (pure), the failure policy on the Cloud Hypervisor STAND-IN at
+scale, and real Ray on the local backend (a head and two nodes: this machine has 2 cores)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import STANDIN
+from hosts import HGX_GPUS, hgx_h100
+from hosttree import FakeKernel
+from provisioner.cluster import ClusterRun
+from provisioner.engine import BootError
+from provisioner.errors import SpecError
+from provisioner.events import NodeState
+from provisioner.placement import GpuSlot, PlacementError, host_gpus, place
+from provisioner.spec import Host, Inventory, cluster_spec, load_inventory
+from vfio.bind import apply, plan_bind
+from vfio.hostroot import HostRoot
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line mentions `text` (a cluster's run directory, say)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if text in cmdline and "State:\tZ" not in status and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture
+def image(tmp_path):
+    for name in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    return tmp_path
+
+
+def test_spec_errors_name_field_and_fix(tmp_path):
+    with pytest.raises(SpecError) as bad:
+        cluster_spec(nodes=0, gpus_per_node=20, min_nodes=5, labels={"hearth.io/node": "x", "bad key!": "v"},
+                     env={"RAY_AUTH_TOKEN": "x"}, backend="qemu-kvm", speed="fast")
+    text = str(bad.value)
+    for expected in ("nodes: ask for 1 to 1024 nodes", "gpus_per_node: a node has 0 to 16 GPUs",
+                     "labels: label key 'hearth.io/node' uses a reserved prefix", "env: env RAY_AUTH_TOKEN",
+                     "backend: Input should be 'local' or 'cloud-hypervisor'", "speed: Extra inputs are not permitted"):
+        assert expected in text
+    with pytest.raises(SpecError, match="min_nodes must be between 1 and nodes"):
+        cluster_spec(nodes=2, min_nodes=3)
+    with pytest.raises(SpecError, match="needs image= .* `hearth guest build`"):
+        cluster_spec(backend="cloud-hypervisor")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("hosts:\n  - name: gpu01\n    address: ftp://gpu01\n  - name: gpu01\n")
+    with pytest.raises(SpecError) as bad_hosts:
+        load_inventory(hosts)
+    assert "hosts.0.address: address is 'local' or ssh://user@host[:port]" in str(bad_hosts.value)
+    hosts.write_text("hosts:\n  - name: gpu01\n    address: ssh://hearth@gpu01:2222\n    max_concurrent_boots: 4\n")
+    assert load_inventory(hosts).hosts[0].max_concurrent_boots == 4
+
+
+def test_placement_keeps_a_nodes_gpus_on_one_numa_node_or_clique():
+    free = [GpuSlot(host="a", address=f"0000:{bus:02x}:00.0", numa=i // 4) for i, bus in enumerate(range(0x10, 0x18))]
+    free += [GpuSlot(host="b", address=f"0000:{bus:02x}:00.0", numa=0) for bus in range(0x20, 0x22)]
+    plan = place(["n0", "n1", "n2"], 2, ["a", "b"], free)
+    assert all(len({(g.host, g.numa) for g in p.gpus}) == 1 for p in plan)
+    assert len({g.address for p in plan for g in p.gpus}) == 6
+    big = place(["big0", "big1"], 4, ["a", "b"], free)
+    assert [{g.numa for g in p.gpus} for p in big] == [{0}, {1}] and {p.host for p in big} == {"a"}
+    with pytest.raises(PlacementError, match="only 10 are free: a 8 \\(NUMA 0: 4, NUMA 1: 4\\); b 2 \\(NUMA 0: 2\\)"):
+        place([f"n{i}" for i in range(11)], 1, ["a", "b"], free)
+    with pytest.raises(PlacementError, match="no host has 8 free GPUs in one NVLink clique or NUMA node"):
+        place(["n0"], 8, ["a", "b"], free)
+    clique = [GpuSlot(host="a", address=s.address, numa=s.numa, clique=0) for s in free if s.host == "a"]
+    assert len(place(["n0"], 8, ["a"], clique)[0].gpus) == 8
+
+
+def test_host_gpus_are_the_vfio_bound_ones(tmp_path):
+    tree = hgx_h100(tmp_path)
+    host = Host(name="gpu01", host_root=tmp_path, nvlink_cliques=[HGX_GPUS])
+    assert host_gpus(host) == []  # all still on nvidia
+    with FakeKernel(tree):
+        apply(HostRoot(tmp_path), plan_bind(HostRoot(tmp_path), HGX_GPUS[:6], nvml=None))
+    slots = host_gpus(host)
+    assert [s.address for s in slots] == sorted(HGX_GPUS[:6]) and {s.clique for s in slots} == {0}
+    assert [s.numa for s in slots] == [0, 0, 0, 0, 1, 1]
+
+
+def _settings(faults: dict[str, list]):
+    """Stand-in settings per node id: the fault for each successive attempt (None: boots fine)."""
+    attempts: Counter = Counter()
+
+    def settings(node_id: str) -> dict:
+        attempts[node_id] += 1
+        plan = faults.get(node_id, [])
+        fault = plan[attempts[node_id] - 1] if attempts[node_id] <= len(plan) else None
+        return {"boot_s": 0.2, "guest": "builtin", "fault": fault, "slow_x": 100, "seed": 1}
+
+    return settings
+
+
+def _stand_in_run(spec, settings, run_dir, events=None) -> ClusterRun:
+    inventory = Inventory(hosts=[Host(name="local", cloud_hypervisor=STANDIN)])
+    return ClusterRun(spec, run_dir, inventory=inventory, standin=settings, with_ray=False,
+                      on_event=events.append if events is not None else None)
+
+
+def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir):
+    faults = {f"big-{i}": ["boot-fails"] for i in (3, 17, 40)}  # fail once, then boot on the retry
+    faults |= {f"big-{i}": ["slow-boot", "slow-boot"] for i in (9, 50)}  # time out twice: lost
+    faults["big-22"] = ["crash-mid-boot"]
+    spec = cluster_spec(nodes=64, backend="cloud-hypervisor", image=image, name="big", boot_timeout=12, min_nodes=60)
+    events = []
+    run = _stand_in_run(spec, _settings(faults), run_dir, events)
+
+    async def scenario():
+        ready = await run.up()
+        summary = run.summary()
+        await run.down()
+        return ready, summary
+
+    ready, summary = asyncio.run(scenario())
+    assert len(ready) == 62
+    nodes = {n["id"]: n for n in summary["nodes"]}
+    for node_id in ("big-3", "big-17", "big-40", "big-22"):
+        assert nodes[node_id]["state"] == "ready" and nodes[node_id]["attempts"] == 2
+    assert "vm.boot answered 500" in nodes["big-3"]["errors"][0]
+    assert "exited with status 101" in nodes["big-22"]["errors"][0]
+    for node_id in ("big-9", "big-50"):
+        assert nodes[node_id]["state"] == "stopped" and nodes[node_id]["attempts"] == 2
+        assert nodes[node_id]["errors"] == ["not ready within boot_timeout (12 s)"] * 2
+    retried = [e for e in events if e.state == NodeState.requested and e.detail and e.detail.startswith("retry")]
+    assert len(retried) == 6
+    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+
+
+def test_below_min_nodes_everything_is_torn_down(image, run_dir):
+    faults = {f"few-{i}": ["boot-fails", "boot-fails"] for i in (1, 4, 6)}
+    spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="few", boot_timeout=20, min_nodes=6)
+    run = _stand_in_run(spec, _settings(faults), run_dir)
+    with pytest.raises(BootError) as failed:
+        asyncio.run(run.up())
+    text = str(failed.value)
+    assert "only 5 of 8 nodes became ready (min_nodes 6); everything was torn down" in text
+    assert "few-4: cloud-hypervisor vm.boot answered 500" in text and "; then " in text
+    assert run.status == "failed"
+    assert all(n["state"] == "stopped" for n in run.summary()["nodes"])
+    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+
+
+def test_cancel_half_way_tears_everything_down(image, run_dir):
+    spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="cancel", boot_timeout=60)
+    settings = lambda node_id: {"boot_s": 5.0, "guest": "builtin"}  # noqa: E731
+    run = _stand_in_run(spec, settings, run_dir)
+
+    async def scenario():
+        task = asyncio.create_task(run.up())
+        await asyncio.sleep(1.5)
+        booting = len(processes_mentioning(str(run_dir)))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return booting
+
+    assert asyncio.run(scenario()) == 8  # they were all booting at once
+    assert run.status == "failed" and run.error == "cancelled"
+    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+
+
+def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path):
+    root = tmp_path / "host"
+    tree = hgx_h100(root)
+    with FakeKernel(tree):
+        apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS, nvml=None))
+    inventory = Inventory(hosts=[Host(name="gpu01", cloud_hypervisor=STANDIN, host_root=root,
+                                      nvlink_cliques=[HGX_GPUS])])
+    spec = cluster_spec(nodes=2, gpus_per_node=4, gpu_type="H100", backend="cloud-hypervisor", image=image, name="gpu")
+    run = ClusterRun(spec, run_dir, inventory=inventory, standin=_settings({}), with_ray=False)
+
+    async def scenario():
+        await run.up()
+        configs = [(await r.process.client.info()).config for r in run.engine.nodes.values()]
+        await run.down()
+        return configs
+
+    configs = asyncio.run(scenario())
+    devices = [[d["path"].rstrip("/").rsplit("/", 1)[1] for d in c["devices"]] for c in configs]
+    assert sorted(itertools.chain(*devices)) == sorted(HGX_GPUS)
+    assert all(d["x_nv_gpudirect_clique"] == 0 for c in configs for d in c["devices"])
+    too_many = cluster_spec(nodes=3, gpus_per_node=4, backend="cloud-hypervisor", image=image, name="gpu")
+    with pytest.raises(PlacementError, match="need 3 nodes x 4 GPUs = 12 GPUs, but only 8 are free"):
+        asyncio.run(ClusterRun(too_many, run_dir, inventory=inventory, with_ray=False).up())
+
+
+def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir):
+    import ray
+    from provisioner.jobs import follow, job_client
+
+    spec = cluster_spec(nodes=2, gpus_per_node=1, gpu_type="fake", name="ray2", labels={"team": "sweep"})
+    run = ClusterRun(spec, run_dir)
+
+    loop = asyncio.new_event_loop()  # one loop for up, the job and down: the node processes belong to it
+    try:
+        loop.run_until_complete(run.up())
+        summary = run.summary()
+        assert [n["state"] for n in summary["nodes"]] == ["ready", "ready"]
+        assert all(n["ray_node_id"] and set(n["profile"]) >= {"guest_up", "ray_joined", "ready"} for n in summary["nodes"])
+        run.head.use_in_this_process()
+        ray.init(address=run.head.address, logging_level="ERROR")
+        try:
+            where = ray.remote(num_gpus=1)(lambda: ray.get_runtime_context().get_node_labels())
+            labels = ray.get([where.options(label_selector={"hearth.io/node": n}).remote() for n in spec.node_ids()])
+            assert [(l["hearth.io/node"], l["hearth.io/gpu-type"], l["team"]) for l in labels] == [
+                ("ray2-0", "fake", "sweep"), ("ray2-1", "fake", "sweep")]
+            ray_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            assert {n["ray_node_id"] for n in summary["nodes"]} <= ray_ids
+        finally:
+            ray.shutdown()
+        client = job_client(run.head.dashboard_url, run.head.token)
+        job = client.submit_job(entrypoint="python -c \"import ray, os; ray.init(); print('job sees', len(ray.nodes()), 'nodes')\"")
+        out = open(run_dir / "job.log", "w")
+        assert loop.run_until_complete(asyncio.to_thread(follow, client, job, out)).value == "SUCCEEDED"
+        assert "job sees 3 nodes" in (run_dir / "job.log").read_text()
+    finally:
+        loop.run_until_complete(run.down())
+        loop.close()
+        for key in run.head.env:
+            os.environ.pop(key, None)
+    time.sleep(0.5)
+    assert processes_mentioning(str(run_dir)) == []
+
+
+def test_cli_up_status_job_down(tmp_path, run_dir):
+    env = {**os.environ, "HEARTH_STATE_DIR": str(tmp_path / "state"), "HEARTH_RUN_DIR": str(run_dir),
+           "COLUMNS": "200"}
+    hearth = str(Path(sys.executable).with_name("hearth"))
+
+    def run(*args, timeout=180):
+        return subprocess.run([hearth, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+    assert run("up", "--nodes", "0", "--name", "cli").returncode == 2
+    up = run("up", "--nodes", "1", "--name", "cli")
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "cluster cli is up: 1 nodes" in up.stdout and "cli-0" in up.stdout
+        again = run("up", "--nodes", "1", "--name", "cli")
+        assert again.returncode == 1 and "already up" in again.stderr
+        state = json.loads(run("status", "--name", "cli", "--json").stdout)
+        assert state["status"] == "ready" and state["nodes"][0]["state"] == "ready"
+        assert "token" not in json.dumps(state).lower()
+        job = run("job", "submit", "--name", "cli", "--", "python", "-c", "print('hello from', 6 * 7)")
+        assert job.returncode == 0 and "hello from 42" in job.stdout and "SUCCEEDED" in job.stdout
+        failing = run("job", "submit", "--name", "cli", "--", "python", "-c", "raise SystemExit(3)")
+        assert failing.returncode == 1 and "FAILED" in failing.stdout
+    finally:
+        down = run("down", "--name", "cli")
+    assert down.returncode == 0 and "cluster cli is down" in down.stdout
+    assert processes_mentioning(str(run_dir)) == []
+    assert run("job", "submit", "--name", "cli", "--", "true").returncode == 1
