@@ -157,7 +157,7 @@ def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) 
     """The main job on the embedded default: boot a local cluster, run a Ray job on it, print each node's
     boot profile, tear it down."""
     from provisioner.cluster import ClusterRun, default_work_dir
-    from provisioner.jobs import follow, job_client
+    from provisioner.jobs import follow
 
     spec = cluster_spec(nodes=nodes, name=f"demo-{os.getpid()}")
     script = ("import ray; ray.init(); "
@@ -171,8 +171,8 @@ def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) 
             await run.up()
         try:
             console.print(f"cluster ready; dashboard {run.head.dashboard_url}; submitting a Ray job")
-            client = job_client(run.head.dashboard_url, run.head.token)
-            job = client.submit_job(entrypoint=f"python -c {shlex.quote(script)}")
+            client = run.job_client()
+            job = run.submit_job(f"python -c {shlex.quote(script)}")
             result = await asyncio.to_thread(follow, client, job)
             console.print(f"job {job}: {result.value}")
             console.print(profile_table(run.summary()["nodes"]))

@@ -15,7 +15,7 @@ from provisioner.backends import Backend
 from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
 from provisioner.backends.local import LocalBackend
 from provisioner.engine import Engine, NodeRecord
-from provisioner.errors import SpecError
+from provisioner.errors import HearthError, SpecError
 from provisioner.events import OnEvent
 from provisioner.placement import GpuSlot, host_gpus
 from provisioner.ray_head import RayHead
@@ -38,7 +38,7 @@ class ClusterRun:
         if len(str(work_dir)) > MAX_WORK_DIR:
             raise SpecError(f"run directory {work_dir} is longer than {MAX_WORK_DIR} characters: Ray's Unix sockets "
                             "under it would pass the 107-byte limit. Set HEARTH_RUN_DIR to a shorter path")
-        self.head = RayHead(work_dir) if with_ray else None
+        self.head = RayHead(work_dir, host=inventory.head_host if inventory else "127.0.0.1") if with_ray else None
         hosts = inventory.hosts if inventory else [Host(name="local")]
         self.backend: Backend
         free: list[GpuSlot] = []
@@ -77,6 +77,17 @@ class ClusterRun:
         shutil.rmtree(self.work_dir / "n", ignore_errors=True)
         if not keep_status:
             self.status = "stopped"
+
+    def submit_job(self, entrypoint: str, runtime_env: dict[str, Any] | None = None, **options: Any) -> str:
+        """Submit a Ray job (Ray's JobSubmissionClient, with this cluster's token); returns its id."""
+        return self.job_client().submit_job(entrypoint=entrypoint, runtime_env=runtime_env, **options)
+
+    def job_client(self):
+        from provisioner.jobs import job_client
+
+        if self.head is None or self.status != "ready":
+            raise HearthError(f"cluster {self.spec.name} is {self.status}: jobs need a ready cluster with Ray")
+        return job_client(self.head.dashboard_url, self.head.token)
 
     def summary(self) -> dict[str, Any]:
         """What `hearth status`, the widget and the status page show (JSON-able; no secrets)."""

@@ -161,6 +161,9 @@ class Host(BaseModel):
 class Inventory(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hosts: list[Host]
+    # Where the Ray head listens: an address every node can reach (for VMs, the controller's address on the
+    # hosts' network; the routing the host agent sets up), not loopback.
+    head_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _unique(self) -> Inventory:

@@ -206,7 +206,7 @@ def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path):
 
 def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir):
     import ray
-    from provisioner.jobs import follow, job_client
+    from provisioner.jobs import follow
 
     spec = cluster_spec(nodes=2, gpus_per_node=1, gpu_type="fake", name="ray2", labels={"team": "sweep"})
     run = ClusterRun(spec, run_dir)
@@ -228,11 +228,12 @@ def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir)
             assert {n["ray_node_id"] for n in summary["nodes"]} <= ray_ids
         finally:
             ray.shutdown()
-        client = job_client(run.head.dashboard_url, run.head.token)
-        job = client.submit_job(entrypoint="python -c \"import ray, os; ray.init(); print('job sees', len(ray.nodes()), 'nodes')\"")
+        client = run.job_client()
+        job = run.submit_job("python -c \"import ray, os; ray.init(); print('job sees', len(ray.nodes()), 'nodes as', os.environ['WHO'])\"",
+                             runtime_env={"env_vars": {"WHO": "hearth"}})
         out = open(run_dir / "job.log", "w")
         assert loop.run_until_complete(asyncio.to_thread(follow, client, job, out)).value == "SUCCEEDED"
-        assert "job sees 3 nodes" in (run_dir / "job.log").read_text()
+        assert "job sees 3 nodes as hearth" in (run_dir / "job.log").read_text()
     finally:
         loop.run_until_complete(run.down())
         loop.close()

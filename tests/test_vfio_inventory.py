@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fakenvml import FakeNvml
-from hosts import (HGX_GPUS, HGX_NVSWITCHES, SHARED_GPU, SHARED_NIC, WORKSTATION_FUNCTIONS, WORKSTATION_GPU,
+from hosts import (HGX_GPUS, HGX_NVSWITCHES, SHARED_NIC, WORKSTATION_FUNCTIONS, WORKSTATION_GPU,
                    gpu_with_nic, hgx_h100, iommu_off, workstation)
 from provisioner.errors import HostRootError, SpecError
 from vfio.address import parse_address, parse_driver
