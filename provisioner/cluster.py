@@ -16,7 +16,7 @@ from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, Standi
 from provisioner.backends.local import LocalBackend
 from provisioner.engine import Engine, NodeRecord
 from provisioner.errors import HearthError, SpecError
-from provisioner.events import OnEvent
+from provisioner.events import NodeState, OnEvent
 from provisioner.placement import GpuSlot, host_gpus
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec, Host, Inventory
@@ -53,6 +53,8 @@ class ClusterRun:
                              host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
         self.status = "new"
         self.error: str | None = None
+        self._scaling = asyncio.Lock()
+        self._adaptive: asyncio.Task | None = None
 
     async def up(self) -> list[NodeRecord]:
         self.status = "booting"
@@ -70,7 +72,48 @@ class ClusterRun:
         self.status = "ready"
         return ready
 
+    async def scale(self, nodes: int) -> None:
+        """Grow or shrink to `nodes` nodes (the newest go first). Calls are serialised, so the last wins."""
+        async with self._scaling:
+            live = [r for r in self.engine.nodes.values() if r.history.state not in (NodeState.stopping, NodeState.stopped)]
+            if nodes > len(live):
+                await self.engine.add(nodes - len(live))
+            elif nodes < len(live):
+                newest_first = sorted(live, key=lambda r: (r.ready, -int(r.node_id.rsplit("-", 1)[1])))
+                await self.engine.remove([r.node_id for r in newest_first[:len(live) - nodes]])
+
+    def adapt(self, minimum: int, maximum: int, idle_shutdown_after: float = 60.0, interval: float = 2.0) -> None:
+        """Keep between `minimum` and `maximum` nodes: add nodes while Ray has work waiting for resources, stop
+        nodes idle for `idle_shutdown_after` seconds (to zero when `minimum` is 0). Replaces an earlier adapt."""
+        if self._adaptive is not None:
+            self._adaptive.cancel()
+        self._adaptive = asyncio.get_running_loop().create_task(
+            self._adapt(minimum, maximum, idle_shutdown_after, interval))
+
+    async def _adapt(self, minimum: int, maximum: int, idle_after: float, interval: float) -> None:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        while True:
+            live = [r for r in self.engine.nodes.values() if r.history.state not in (NodeState.stopping, NodeState.stopped)]
+            try:
+                status = await asyncio.to_thread(get_cluster_status, self.head.address)
+            except Exception:  # the head is busy or restarting: decide next time
+                await asyncio.sleep(interval)
+                continue
+            waiting = sum(b.count for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count)
+            idle = [n.labels.get("hearth.io/node") for n in status.idle_nodes
+                    if n.labels and n.resource_usage and n.resource_usage.idle_time_ms >= idle_after * 1000]
+            if len(live) < minimum or (waiting and len(live) < maximum):
+                await self.scale(min(maximum, max(minimum, len(live) + waiting)))
+            elif idle and len(live) > minimum:
+                victims = [n for n in idle if n in self.engine.nodes][:len(live) - minimum]
+                async with self._scaling:
+                    await self.engine.remove(victims)
+            await asyncio.sleep(interval)
+
     async def down(self, keep_status: bool = False) -> None:
+        if self._adaptive is not None:
+            self._adaptive.cancel()
         await self.engine.down()
         if self.head is not None:
             await self.head.stop()

@@ -68,16 +68,23 @@ class Engine:
         self.ready_at: float | None = None
         self._pool = list(free_gpus)
         self._limits = {h: asyncio.Semaphore(n) for h, n in (host_limits or {}).items()}
-        self._seen: dict[str, asyncio.Future] = {}
+        self._seen: dict[tuple[str, str], asyncio.Future] = {}
+        self._poller: asyncio.Task | None = None
+        self._next_index = 0
 
     def plan(self) -> None:
         """Place every node, or raise `PlacementError` (what is free where) before anything starts."""
-        if self.nodes:
-            return
-        placements = place(self.spec.node_ids(), self._gpus_per_node, self.hosts, self._pool)
+        if not self.nodes:
+            self._records(self.spec.node_ids())
+
+    def _records(self, node_ids: list[str]) -> list[NodeRecord]:
+        placements = place(node_ids, self._gpus_per_node, self.hosts, self._pool)
         taken = {(g.host, g.address) for p in placements for g in p.gpus}
         self._pool = [g for g in self._pool if (g.host, g.address) not in taken]
-        self.nodes = {p.node_id: NodeRecord(p.node_id, p, attempts=[NodeHistory(p.node_id)]) for p in placements}
+        records = [NodeRecord(p.node_id, p, attempts=[NodeHistory(p.node_id)]) for p in placements]
+        self.nodes.update({r.node_id: r for r in records})
+        self._next_index = max([self._next_index, *(int(n.rsplit("-", 1)[1]) + 1 for n in node_ids)])
+        return records
 
     @property
     def _gpus_per_node(self) -> int:
@@ -88,17 +95,12 @@ class Engine:
         """Boot every node; returns the ready ones, or raises `BootError` with nothing left running."""
         self.plan()
         self.started_at, cpu = time.time(), time.process_time()
-        poller = asyncio.create_task(self._poll()) if self.verify_ray else None
         try:
-            await asyncio.gather(*(self._boot(record) for record in self.nodes.values()))
+            await self._boot_all(list(self.nodes.values()))
         except BaseException:
             await self.down()
             raise
         finally:
-            if poller is not None:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
             self.control_cpu_s = time.process_time() - cpu
         ready = [r for r in self.nodes.values() if r.ready]
         if len(ready) < self.spec.required_nodes:
@@ -111,10 +113,30 @@ class Engine:
         self.ready_at = time.time()
         return ready
 
+    async def add(self, count: int) -> list[NodeRecord]:
+        """Boot `count` more nodes (scale up); returns their records, ready or failed."""
+        records = self._records([f"{self.spec.name}-{self._next_index + i}" for i in range(count)])
+        try:
+            await self._boot_all(records)
+        except BaseException:
+            await self.remove([r.node_id for r in records])
+            raise
+        return records
+
+    async def remove(self, node_ids: list[str], grace: float = 5.0) -> None:
+        """Stop these nodes (scale down) and give their GPUs back to the pool."""
+        records = [self.nodes.pop(n) for n in node_ids if n in self.nodes]
+        await asyncio.gather(*(r.process.stop(grace) for r in records if r.process is not None),
+                             return_exceptions=True)
+        self._pool += [g for r in records for g in r.placement.gpus]
+
     async def down(self, grace: float = 5.0) -> None:
         """Stop every node this engine started. Idempotent."""
         await asyncio.gather(*(r.process.stop(grace) for r in self.nodes.values() if r.process is not None),
                              return_exceptions=True)
+
+    async def _boot_all(self, records: list[NodeRecord]) -> None:
+        await asyncio.gather(*(self._boot(record) for record in records))
 
     async def _boot(self, record: NodeRecord) -> None:
         placement = record.placement
@@ -135,6 +157,8 @@ class Engine:
                 await process.wait_for(NodeState.ray_joined, _left(deadline))
                 if self.verify_ray:
                     seen = self._seen_future((record.node_id, str(attempt)))
+                    if self._poller is None or self._poller.done():
+                        self._poller = asyncio.create_task(self._poll())
                     record.ray_node_id = await asyncio.wait_for(seen, _left(deadline))
                 process.tracker.transition(NodeState.ready, f"Ray node {record.ray_node_id}" if record.ray_node_id else None)
                 return
@@ -171,8 +195,8 @@ class Engine:
         return self._seen[key]
 
     async def _poll(self) -> None:
-        """One poller for all nodes: the head's live nodes, matched to ours by label."""
-        while True:
+        """One poller for all nodes: the head's live nodes, matched to ours by label, while any node waits."""
+        while any(not f.done() for f in self._seen.values()):
             try:
                 nodes = await self.head.nodes()
             except (httpx.HTTPError, KeyError, ValueError):

@@ -38,8 +38,8 @@ class ClusterSpec(BaseModel):
     @field_validator("nodes")
     @classmethod
     def _nodes(cls, value: int) -> int:
-        if not 1 <= value <= 1024:
-            raise ValueError("ask for 1 to 1024 nodes")
+        if not 0 <= value <= 1024:
+            raise ValueError("ask for 0 to 1024 nodes (0: a head only, for a Pool to grow)")
         return value
 
     @field_validator("gpus_per_node")
@@ -103,8 +103,8 @@ class ClusterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterSpec:
-        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
-            raise ValueError(f"min_nodes must be between 1 and nodes ({self.nodes})")
+        if self.min_nodes is not None and not 0 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"min_nodes must be between 0 and nodes ({self.nodes})")
         if self.backend == "cloud-hypervisor":
             if self.image is None:
                 raise ValueError("the cloud-hypervisor backend needs image= (a directory with vmlinuz, initrd.img, "

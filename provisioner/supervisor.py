@@ -50,7 +50,7 @@ def alive(state: dict[str, Any] | None) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as f:
@@ -66,7 +66,7 @@ async def supervise(directory: Path) -> int:
     run: ClusterRun
 
     def save() -> None:
-        _write_atomic(directory / "state.json", json.dumps(run.summary(), indent=1))
+        write_atomic(directory / "state.json", json.dumps(run.summary(), indent=1))
 
     def on_event(event: NodeEvent) -> None:
         events.write(event.model_dump_json() + "\n")
@@ -78,7 +78,7 @@ async def supervise(directory: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if run.head is not None:
-        _write_atomic(directory / "token", run.head.token, mode=0o600)
+        write_atomic(directory / "token", run.head.token, mode=0o600)
     save()
     booting = asyncio.create_task(run.up())
     stopping = asyncio.create_task(stop.wait())

@@ -51,14 +51,14 @@ def image(tmp_path):
 
 def test_spec_errors_name_field_and_fix(tmp_path):
     with pytest.raises(SpecError) as bad:
-        cluster_spec(nodes=0, gpus_per_node=20, min_nodes=5, labels={"hearth.io/node": "x", "bad key!": "v"},
+        cluster_spec(nodes=-1, gpus_per_node=20, min_nodes=5, labels={"hearth.io/node": "x", "bad key!": "v"},
                      env={"RAY_AUTH_TOKEN": "x"}, backend="qemu-kvm", speed="fast")
     text = str(bad.value)
-    for expected in ("nodes: ask for 1 to 1024 nodes", "gpus_per_node: a node has 0 to 16 GPUs",
+    for expected in ("nodes: ask for 0 to 1024 nodes", "gpus_per_node: a node has 0 to 16 GPUs",
                      "labels: label key 'hearth.io/node' uses a reserved prefix", "env: env RAY_AUTH_TOKEN",
                      "backend: Input should be 'local' or 'cloud-hypervisor'", "speed: Extra inputs are not permitted"):
         assert expected in text
-    with pytest.raises(SpecError, match="min_nodes must be between 1 and nodes"):
+    with pytest.raises(SpecError, match="min_nodes must be between 0 and nodes"):
         cluster_spec(nodes=2, min_nodes=3)
     with pytest.raises(SpecError, match="needs image= .* `hearth guest build`"):
         cluster_spec(backend="cloud-hypervisor")
@@ -251,7 +251,7 @@ def test_cli_up_status_job_down(tmp_path, run_dir):
     def run(*args, timeout=180):
         return subprocess.run([hearth, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
-    assert run("up", "--nodes", "0", "--name", "cli").returncode == 2
+    assert run("up", "--nodes=-1", "--name", "cli").returncode == 2
     up = run("up", "--nodes", "1", "--name", "cli")
     try:
         assert up.returncode == 0, up.stderr
