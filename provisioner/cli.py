@@ -19,7 +19,7 @@ from rich.table import Table
 
 from provisioner.errors import HearthError, SpecError
 from provisioner.progress import ProgressLine, profile_table
-from provisioner.spec import Backend, cluster_spec, load_inventory
+from provisioner.spec import cluster_spec, default_backend, load_inventory
 from provisioner.supervisor import alive, read_state, state_root
 from vfio.cli import app as vfio_app
 
@@ -55,8 +55,8 @@ def up(
     name: NameOption = DEFAULT_NAME,
 ) -> None:
     """Boot a cluster and leave it running until `hearth down`. Returns once it is ready or has failed."""
-    chosen: Backend = backend or ("cloud-hypervisor" if hosts else "local")  # type: ignore[assignment]
-    spec = _run(lambda: cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, backend=chosen, image=image,
+    spec = _run(lambda: cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, image=image,
+                                     backend=default_backend(backend, hosts),
                                      cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
                                      min_nodes=min_nodes, name=name))
     directory = state_root() / name

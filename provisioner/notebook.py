@@ -22,7 +22,7 @@ from provisioner import loop
 from provisioner.cluster import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
 from provisioner.progress import ProgressLine
-from provisioner.spec import cluster_spec, load_inventory
+from provisioner.spec import cluster_spec, default_backend, load_inventory
 from provisioner.supervisor import state_root, write_atomic
 from provisioner.widget import LiveView, in_notebook, summary_html
 
@@ -37,13 +37,14 @@ class Cluster:
                  connect: bool = True, show: bool = True) -> None:
         """Validate (errors before anything starts), then start booting and show progress."""
         spec = cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, gpu_type=gpu_type,
-                            backend=backend or ("cloud-hypervisor" if hosts else "local"),
+                            backend=default_backend(backend, hosts),
                             image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
                             min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name)
         inventory = load_inventory(Path(hosts)) if hosts else None
         self.name = spec.name
         self._connect = connect
         self._connected = False
+        self._watching = 0  # while > 0, _watched redraws four times a second; else each event does
         self._state_dir = state_root() / spec.name
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
@@ -160,17 +161,21 @@ class Cluster:
     async def _watched(self, work) -> Any:
         """Run `work` while redrawing the live view and recording state for `hearth status`/the page."""
         task = asyncio.ensure_future(work)
+        self._watching += 1
         try:
             while not task.done():
                 self._redraw()
                 await asyncio.wait({task}, timeout=0.25)
             return task.result()
         finally:
+            self._watching -= 1
             self._redraw()
 
     def _on_event(self, event: NodeEvent) -> None:
         if self._line is not None:
             self._line.update(event)
+        if not self._watching:  # a change outside a boot or scale (adapt, a node dying): show it
+            self._redraw()
 
     def _redraw(self) -> None:
         if self._view is not None:

@@ -24,7 +24,7 @@ from typing import Any
 from provisioner import loop
 from provisioner.cluster import ClusterRun, default_work_dir
 from provisioner.engine import NODE_LABEL, BootError
-from provisioner.spec import cluster_spec, load_inventory
+from provisioner.spec import cluster_spec, default_backend, load_inventory
 
 
 class Pool:
@@ -37,7 +37,7 @@ class Pool:
         if max_concurrency < 1:
             raise ValueError("max_concurrency is at least 1 call per node")
         spec = cluster_spec(nodes=min, gpus_per_node=gpus_per_node, gpu_type=gpu_type, cpus=cpus, memory_gib=memory_gib,
-                            backend=backend or ("cloud-hypervisor" if hosts else "local"), image=image,
+                            backend=default_backend(backend, hosts), image=image,
                             boot_timeout=boot_timeout, name=name)
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -28,9 +26,7 @@ from typing import Any
 import httpx
 
 from provisioner.errors import HearthError
-
-PR_SET_PDEATHSIG = 1
-
+from provisioner.processes import die_with_parent, stop_process_group
 
 class RayError(HearthError):
     pass
@@ -56,12 +52,6 @@ def node_ports() -> list[str]:
     names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
     return [f"{name}={port}" for name, port in zip(names, ports)]
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the thread that started it ends (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def local_env(**extra: str) -> dict[str, str]:
@@ -161,15 +151,3 @@ class RayHead:
         if self.process is None or self.process.returncode is not None:
             return
         await stop_process_group(self.process, grace)
-
-
-async def stop_process_group(process: asyncio.subprocess.Process, grace: float) -> None:
-    """SIGTERM the leader (`ray start --block` then stops its raylet and agents in order), wait `grace`,
-    then SIGKILL the whole process group, so nothing it started can outlive it; always wait for it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(process.wait(), grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    await process.wait()

@@ -175,6 +175,11 @@ class Inventory(BaseModel):
         return self
 
 
+def default_backend(backend: str | None, hosts: object) -> str:
+    """The backend a user meant: the one named, else cloud-hypervisor with a hosts file, else local."""
+    return backend or ("cloud-hypervisor" if hosts else "local")
+
+
 def cluster_spec(**fields) -> ClusterSpec:
     return validated(ClusterSpec, fields, "cluster spec")
 

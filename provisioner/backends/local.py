@@ -19,8 +19,8 @@ from pathlib import Path
 from provisioner.backends import JoinInfo
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.placement import NodePlacement
-from provisioner.ray_head import (die_with_parent, free_ports, local_env, node_ports, ray_executable,
-                                  stop_process_group)
+from provisioner.processes import die_with_parent, stop_process_group
+from provisioner.ray_head import free_ports, local_env, node_ports, ray_executable
 
 
 class LocalBackend:

@@ -31,6 +31,7 @@ from provisioner.errors import SpecError, VmmError, VmmExited, VmmTimeout
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.guest_channel import GUEST_PORT, GuestChannel
 from provisioner.net import create_tap, delete_tap
+from provisioner.processes import die_with_parent
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
@@ -39,7 +40,7 @@ class ChVm:
     def __init__(self, spec: VmSpec, run_dir: Path, *, binary: str = "cloud-hypervisor",
                  history: NodeHistory | None = None, on_event: OnEvent | None = None,
                  guest_config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 api_timeout: float = 5.0, start_timeout: float = 10.0, boot_timeout: float = BOOT_TIMEOUT,
+                 api_timeout: float = 5.0, start_timeout: float = 30.0, boot_timeout: float = BOOT_TIMEOUT,
                  create_tap: bool = False, bridge: str | None = None, scratch_mib: int = 0) -> None:
         self.spec = spec
         self.dir = run_dir / spec.node_id
@@ -148,7 +149,8 @@ class ChVm:
                 binary, "--api-socket", f"path={self.api_socket}", "--event-monitor", f"fd={write_end}",
                 "--log-file", str(self.vmm_log), "--seccomp", "true", "-v",
                 pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, env=None if self.env is None else {**os.environ, **self.env})
+                start_new_session=True, env=None if self.env is None else {**os.environ, **self.env},
+                preexec_fn=die_with_parent)  # a controller that dies takes its VMMs (and their VMs) along
             log.close()
         finally:
             os.close(write_end)
