@@ -90,6 +90,7 @@ class NodeHistory:
 
 OnEvent = Callable[[NodeEvent], None]
 TERMINAL = (NodeState.failed, NodeState.stopping, NodeState.stopped)
+ENDING = (NodeState.stopping, NodeState.stopped)  # still reachable from the terminal states
 
 
 class NodeTracker:
@@ -112,7 +113,7 @@ class NodeTracker:
             if not future.done():
                 if self.reached(waited):
                     future.set_result(None)
-                elif state in TERMINAL:
+                elif state in TERMINAL and waited not in ENDING:
                     future.set_exception(VmmError(f"node {self.history.node} {state.value} before {waited.value}"
                                                   + (f": {detail}" if detail else "")))
                 else:
@@ -126,7 +127,7 @@ class NodeTracker:
         """Until the node reaches `state`; `VmmError` if it fails or stops first, `VmmTimeout` after `timeout`."""
         if self.reached(state):
             return
-        if self.state in TERMINAL:
+        if self.state in TERMINAL and state not in ENDING:
             raise VmmError(f"node {self.history.node} is {self.state.value}, it will not become {state.value}")
         future = asyncio.get_running_loop().create_future()
         self._waiters.append((state, future))

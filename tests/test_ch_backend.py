@@ -224,10 +224,7 @@ def test_guest_poweroff_ends_the_vm(run_dir, vm_files):
         vm = make_vm(run_dir, vm_files, guest_config={"poweroff_after": 0.3}, on_event=events.append)
         await vm.start()
         await asyncio.wait_for(vm.exited.wait(), 10)
-        for _ in range(100):
-            if vm.history.state == NodeState.stopped:
-                break
-            await asyncio.sleep(0.02)
+        await vm.wait_for(NodeState.stopped, 10)
         return vm
 
     vm = asyncio.run(run())
@@ -246,10 +243,7 @@ def test_a_crash_after_boot_fails_the_node_and_cleans_up(run_dir, vm_files):
         os.kill(vm.process.pid, signal.SIGKILL)
         with pytest.raises(VmmError, match="failed before ready"):
             await vm.wait_for(NodeState.ready, 10)
-        for _ in range(100):
-            if vm.history.state == NodeState.stopped:
-                break
-            await asyncio.sleep(0.02)
+        await vm.wait_for(NodeState.stopped, 10)
         return vm
 
     vm = asyncio.run(run())
