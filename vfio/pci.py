@@ -63,11 +63,6 @@ class PciDevice(BaseModel, frozen=True):
         return self.vendor == NVIDIA and self.pci_class >> 8 == 0x0680
 
     @property
-    def is_companion_class(self) -> bool:
-        """Functions a GPU card carries beside the GPU: HD audio, USB controller, UCSI (serial bus)."""
-        return self.pci_class >> 8 in (0x0403, 0x0C03, 0x0C80)
-
-    @property
     def counts_for_viability(self) -> bool:
         """Whether this member keeps a group from being viable: bound to a driver other than vfio-pci."""
         return not (self.is_bridge or self.driver is None or self.driver == VFIO_DRIVER)
