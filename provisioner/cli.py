@@ -26,8 +26,10 @@ from vfio.cli import app as vfio_app
 app = typer.Typer(help="hearth: a notebook cell becomes a GPU cluster of Cloud Hypervisor microVMs joined by Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 job_app = typer.Typer(help="Ray jobs on a hearth cluster.", no_args_is_help=True)
+hosts_app = typer.Typer(help="The GPU hosts in a hosts file, through their agents.", no_args_is_help=True)
 app.add_typer(vfio_app, name="vfio")
 app.add_typer(job_app, name="job")
+app.add_typer(hosts_app, name="hosts")
 console = Console(highlight=False)
 NameOption = Annotated[str, typer.Option("--name", help="Which cluster (hearth up --name).")]
 DEFAULT_NAME = "hearth"
@@ -226,6 +228,52 @@ def job_logs(job_id: str, name: NameOption = DEFAULT_NAME,
         typer.echo(client.get_job_logs(job_id), nl=False)
 
 
+@app.command()
+def agent(
+    socket: Annotated[Path, typer.Option(help="The Unix socket it serves (mode 0660).")] = Path("/run/hearth/agent.sock"),
+    state_dir: Annotated[Path, typer.Option(help="Leases, kept across restarts.")] = Path("/var/lib/hearth/agent"),
+    run_dir: Annotated[Path, typer.Option(help="Per-VM sockets and logs.")] = Path("/run/hearth/vms"),
+    host_root: Annotated[Optional[Path], typer.Option(help="Root of /sys, /dev, /proc (default / or "
+                                                      "$HEARTH_HOST_ROOT).")] = None,
+    cloud_hypervisor: Annotated[str, typer.Option(help="The VMM binary.")] = "cloud-hypervisor",
+    bridge: Annotated[Optional[str], typer.Option(help="The guests' bridge (a tap per VM goes on it).")] = None,
+    subnet: Annotated[Optional[str], typer.Option(help="This host's guest subnet, e.g. 10.77.1.0/24.")] = None,
+    group: Annotated[str, typer.Option(help="Group that may use the socket (admins, controllers' SSH user).")] = "hearth",
+) -> None:
+    """The host agent: serves this host's GPUs and VMs to controllers, on a Unix socket only (systemd runs it)."""
+    from provisioner.agent.host import AgentConfig
+    from provisioner.agent.server import serve
+    from provisioner.errors import validated
+
+    root = host_root or Path(os.environ.get("HEARTH_HOST_ROOT", "/"))
+    config = _run(lambda: validated(AgentConfig, {
+        "host_root": root, "state_dir": state_dir, "run_dir": run_dir, "cloud_hypervisor": cloud_hypervisor,
+        "bridge": bridge, "subnet": subnet}, "agent options"))
+    _run(lambda: asyncio.run(serve(config, socket, group)))
+
+
+@hosts_app.command("check")
+def hosts_check(
+    hosts: Annotated[Path, typer.Option(help="Hosts inventory (YAML).")],
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Reach every host's agent; one table of agent version, GPUs free, cloud-hypervisor, VFIO and network.
+    Exits 1 when any host is unreachable or has a problem."""
+    import tempfile
+
+    from provisioner.agent.check import gather, table
+
+    inventory = _run(lambda: load_inventory(hosts))
+    with tempfile.TemporaryDirectory(prefix="hearth-check-", dir="/tmp") as local:
+        rows = _run(lambda: asyncio.run(gather(inventory, Path(local))))
+    if json_output:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        console.print(table(rows))
+    if any(r["problems"] for r in rows):
+        raise typer.Exit(1)
+
+
 def _client(name: str):
     from provisioner.jobs import job_client
 
@@ -246,3 +294,7 @@ def _run(action):
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    main()

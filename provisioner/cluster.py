@@ -17,7 +17,6 @@ from provisioner.backends.local import LocalBackend
 from provisioner.engine import Engine, NodeRecord
 from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeState, OnEvent
-from provisioner.placement import GpuSlot, host_gpus
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec, Host, Inventory
 
@@ -29,7 +28,7 @@ MAX_WORK_DIR = 107 - len("/n/1023/session_2026-11-27_06-01-47_722129_4194304/soc
 class ClusterRun:
     def __init__(self, spec: ClusterSpec, work_dir: Path, *, inventory: Inventory | None = None,
                  on_event: OnEvent | None = None, standin: StandinSettings | None = None,
-                 with_ray: bool = True) -> None:
+                 with_ray: bool = True, lease_s: float = 30.0) -> None:
         """`with_ray=False` boots nodes without a Ray head, ready when the guest says it joined: only for
         stand-in VMMs whose guests run no Ray (benchmarks of the control plane)."""
         self.spec = spec
@@ -41,14 +40,11 @@ class ClusterRun:
         self.head = RayHead(work_dir, host=inventory.head_host if inventory else "127.0.0.1") if with_ray else None
         hosts = inventory.hosts if inventory else [Host(name="local")]
         self.backend: Backend
-        free: list[GpuSlot] = []
         if spec.backend == "local":
             self.backend = LocalBackend(work_dir / "n")
         else:
-            self.backend = CloudHypervisorBackend(spec, hosts, work_dir / "vms", standin=standin)
-            if spec.gpus_per_node:
-                free = [slot for host in hosts for slot in host_gpus(host)]
-        self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts], free_gpus=free,
+            self.backend = CloudHypervisorBackend(spec, hosts, work_dir, standin=standin, lease_s=lease_s)
+        self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts],
                              on_event=on_event, verify_ray=with_ray,
                              host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
         self.status = "new"
@@ -60,6 +56,7 @@ class ClusterRun:
         self.status = "booting"
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.engine.offer(await self.backend.open())
             self.engine.plan()  # short capacity fails here, before the head or any node starts
             if self.head is not None:
                 await self.head.start()
@@ -115,6 +112,7 @@ class ClusterRun:
         if self._adaptive is not None:
             self._adaptive.cancel()
         await self.engine.down()
+        await self.backend.close()
         if self.head is not None:
             await self.head.stop()
         shutil.rmtree(self.work_dir / "n", ignore_errors=True)

@@ -54,7 +54,7 @@ class NodeRecord:
 
 class Engine:
     def __init__(self, spec: ClusterSpec, backend: Backend, *, head: RayHead | None, hosts: list[str],
-                 free_gpus: list[GpuSlot] = (), on_event: OnEvent | None = None,
+                 on_event: OnEvent | None = None,
                  host_limits: dict[str, int] | None = None, verify_ray: bool = True) -> None:
         self.spec = spec
         self.backend = backend
@@ -66,11 +66,15 @@ class Engine:
         self.control_cpu_s = 0.0  # this process's CPU time spent booting: the control plane's cost
         self.started_at: float | None = None
         self.ready_at: float | None = None
-        self._pool = list(free_gpus)
+        self._pool: list[GpuSlot] = []
         self._limits = {h: asyncio.Semaphore(n) for h, n in (host_limits or {}).items()}
         self._seen: dict[tuple[str, str], asyncio.Future] = {}
         self._poller: asyncio.Task | None = None
         self._next_index = 0
+
+    def offer(self, free_gpus: list[GpuSlot]) -> None:
+        """The GPUs the hosts have free now (the backend asked them), for placement."""
+        self._pool = list(free_gpus)
 
     def plan(self) -> None:
         """Place every node, or raise `PlacementError` (what is free where) before anything starts."""

@@ -105,8 +105,11 @@ class NodeTracker:
     def state(self) -> NodeState | None:
         return self.history.state
 
-    def transition(self, state: NodeState, detail: str | None = None) -> None:
-        event = self.history.transition(state, detail)
+    def transition(self, state: NodeState, detail: str | None = None, at: float | None = None) -> None:
+        """`at`: when it happened, if not now (an event relayed from a host agent, on the host's clock)."""
+        if at is not None and self.history.events:
+            at = max(at, self.history.events[-1].at)  # clocks differ a little between hosts: never go back
+        event = self.history.transition(state, detail, at)
         if self.on_event is not None:
             self.on_event(event)
         for waited, future in list(self._waiters):

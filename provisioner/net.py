@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from provisioner.errors import HearthError
@@ -35,3 +36,21 @@ def delete_tap(name: str) -> None:
 
 def tap_exists(name: str) -> bool:
     return _ip("link", "show", name).returncode == 0
+
+
+def bridge_facts(bridge: str) -> dict[str, object]:
+    """Whether `bridge` exists and is up, and its IPv4 addresses (CIDR)."""
+    shown = _ip("-j", "addr", "show", "dev", bridge)
+    if shown.returncode != 0:
+        return {"name": bridge, "exists": False, "up": False, "addresses": []}
+    (link,) = json.loads(shown.stdout)
+    return {"name": bridge, "exists": True, "up": "UP" in link.get("flags", []),
+            "addresses": [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", []) if a.get("family") == "inet"]}
+
+
+def ipv4_routes() -> list[str]:
+    """Destinations of the main table's IPv4 routes, as CIDRs ("default" stays as it is)."""
+    shown = _ip("-j", "-4", "route", "show")
+    if shown.returncode != 0:
+        return []
+    return [r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32" for r in json.loads(shown.stdout)]

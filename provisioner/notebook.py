@@ -23,7 +23,8 @@ from provisioner.cluster import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
 from provisioner.progress import ProgressLine
 from provisioner.spec import cluster_spec, default_backend, load_inventory
-from provisioner.supervisor import state_root, write_atomic
+from provisioner.files import write_atomic
+from provisioner.supervisor import state_root
 from provisioner.widget import LiveView, in_notebook, summary_html
 
 _open: weakref.WeakSet[Cluster] = weakref.WeakSet()

@@ -14,8 +14,6 @@ from pydantic import BaseModel
 
 from provisioner.errors import HearthError
 from provisioner.spec import Host
-from vfio.hostroot import HostRoot
-from vfio.pci import VFIO_DRIVER, PciTopology
 
 
 class PlacementError(HearthError):
@@ -40,16 +38,11 @@ class NodePlacement(BaseModel, frozen=True):
     gpus: list[GpuSlot] = []
 
 
-def host_gpus(host: Host) -> list[GpuSlot]:
-    """The host's GPUs that a VM can take now: on vfio-pci, in a viable IOMMU group."""
-    topology = PciTopology(HostRoot(host.host_root))
+def host_slots(host: Host, gpus: list[dict]) -> list[GpuSlot]:
+    """The slots a host's agent reports free (`GET /v1/gpus`), with the NVLink cliques the hosts file names."""
     cliques = {address: index for index, clique in enumerate(host.nvlink_cliques) for address in clique}
-    return [
-        GpuSlot(host=host.name, address=gpu.address, numa=gpu.numa_node, clique=cliques.get(gpu.address),
-                functions=[c.address for c in topology.companions(gpu)])
-        for gpu in topology.gpus
-        if gpu.driver == VFIO_DRIVER and topology.group_viable(gpu)
-    ]
+    return [GpuSlot(host=host.name, address=g["address"], numa=g["numa"], clique=cliques.get(g["address"]),
+                    functions=g["functions"]) for g in gpus if g["leased_to"] is None]
 
 
 def place(node_ids: list[str], gpus_per_node: int, hosts: list[str], free: list[GpuSlot]) -> list[NodePlacement]:

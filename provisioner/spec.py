@@ -3,6 +3,7 @@ front: unknown keys are refused, and every error names the field and the fix, be
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from pathlib import Path
@@ -27,7 +28,7 @@ class ClusterSpec(BaseModel):
     gpu_type: str | None = None
     cpus: int = 1
     memory_gib: int = 4
-    image: Path | None = None  # the guest image directory (vmlinuz, initrd.img, rootfs.img); VMs only
+    image: Path | None = None  # the guest image directory on the hosts (vmlinuz, initrd.img, rootfs.img); VMs only
     boot_timeout: float = 300.0
     min_nodes: int | None = None  # default: all of them
     labels: dict[str, str] = {}
@@ -109,9 +110,6 @@ class ClusterSpec(BaseModel):
             if self.image is None:
                 raise ValueError("the cloud-hypervisor backend needs image= (a directory with vmlinuz, initrd.img, "
                                  "rootfs.img; `hearth guest build` makes one)")
-            missing = [f for f in ("vmlinuz", "rootfs.img") if not (self.image / f).is_file()]
-            if missing:
-                raise ValueError(f"image {self.image} lacks {', '.join(missing)}; build it with `hearth guest build`")
         return self
 
     @property
@@ -123,17 +121,24 @@ class ClusterSpec(BaseModel):
 
 
 class HostNetwork(BaseModel):
+    """The host's slice of the cluster's guest network (docs/networking.md); its agent serves it."""
+
     model_config = ConfigDict(extra="forbid")
-    bridge: str | None = None
-    subnet: str | None = None
+    bridge: str = "hearth0"
+    subnet: ipaddress.IPv4Network | None = None
+    underlay: str | None = None  # the host's own address, that other hosts route its subnet to
 
 
 class Host(BaseModel):
+    """A GPU host, as the controller reaches it: its agent's socket, locally or through SSH. What runs there
+    (cloud-hypervisor, the host root, the bridge) is the agent's own configuration."""
+
     model_config = ConfigDict(extra="forbid")
     name: str
-    address: str = "local"  # "local", or ssh://user@host[:port] (through the host agent)
-    cloud_hypervisor: str = "cloud-hypervisor"
-    host_root: Path = Path("/")
+    address: str = "local"  # "local", or ssh://user@host[:port]
+    agent_socket: Path = Path("/run/hearth/agent.sock")
+    ssh_identity: Path | None = None  # default: the user's keys, as ssh uses them
+    ssh_known_hosts: Path | None = None  # default: ~/.ssh/known_hosts; host keys are always checked
     max_concurrent_boots: int | None = None
     nvlink_cliques: list[list[str]] = []  # GPUs that share an NVLink domain; VFIO hides it from sysfs
     network: HostNetwork = HostNetwork()
@@ -172,6 +177,12 @@ class Inventory(BaseModel):
             raise ValueError(f"host names repeat: {sorted({n for n in names if names.count(n) > 1})}")
         if not self.hosts:
             raise ValueError("list at least one host under hosts:")
+        subnets = [(h.name, h.network.subnet) for h in self.hosts if h.network.subnet is not None]
+        for index, (name, subnet) in enumerate(subnets):
+            for other, theirs in subnets[index + 1:]:
+                if subnet.overlaps(theirs):
+                    raise ValueError(f"hosts {name} and {other} have overlapping subnets {subnet} and {theirs}: "
+                                     "give every host its own slice of the cluster's range")
         return self
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from provisioner.cluster import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
+from provisioner.files import write_atomic
 from provisioner.spec import ClusterSpec, load_inventory
 
 
@@ -48,14 +49,6 @@ def alive(state: dict[str, Any] | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(temp, path)
 
 
 async def supervise(directory: Path) -> int:

@@ -30,6 +30,12 @@ class LocalBackend:
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
 
+    async def open(self) -> list:
+        return []  # no GPUs: Ray's num_gpus are nominal here
+
+    async def close(self) -> None:
+        pass
+
     def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
              on_event: OnEvent | None) -> LocalNode:
         index = placement.node_id.rsplit("-", 1)[-1]  # short: Ray's socket paths under it have 107 bytes

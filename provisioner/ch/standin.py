@@ -289,27 +289,53 @@ class _BuiltinGuest(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
+        """hello, config, (join_s) ready, heartbeats. When the host end goes away, reconnect for the
+        config's `reconnect_s` (a host agent restarting) and say hello again; else power off."""
         oem = dict(s.split("=", 1) for s in self.config.get("platform", {}).get("oem_strings", []) if "=" in s)
         path = self.config["vsock"]["socket"] + "_1024"
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(path)
-                stream = sock.makefile("rwb")
-                self._send(stream, {"op": "hello", "node": oem.get("hearth-node"), "detail": "stand-in guest"})
-                config = json.loads(stream.readline() or b"{}")
-                if self.halt.wait(self.join_s):
-                    return
-                self._send(stream, {"op": "ready"})
-                deadline = time.monotonic() + config.get("poweroff_after", 1e9)
-                while not self.halt.is_set() and time.monotonic() < deadline:
-                    if select.select([sock], [], [], 0.5)[0]:
-                        line = stream.readline()
-                        if not line or json.loads(line).get("op") == "stop":
-                            break  # told to stop, or the host end is gone: power off
+        hello = {"op": "hello", "node": oem.get("hearth-node"), "detail": "stand-in guest"}
+        joined, config, deadline = False, {}, None
+        while not self.halt.is_set():
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.connect(path)
+                    stream = sock.makefile("rwb")
+                    self._send(stream, hello)
+                    config = json.loads(stream.readline() or b"{}")
+                    if not joined:
+                        if self.halt.wait(self.join_s):
+                            return
+                        joined = True
+                        deadline = time.monotonic() + config.get("poweroff_after", 1e9)
+                    self._send(stream, {"op": "ready"})
+                    while not self.halt.is_set() and time.monotonic() < deadline:
+                        if select.select([sock], [], [], 0.5)[0]:
+                            line = stream.readline()
+                            if not line:
+                                break  # the host end is gone
+                            if json.loads(line).get("op") == "stop":
+                                return  # told to stop: power off
+                        else:
+                            self._send(stream, {"op": "heartbeat"})
                     else:
-                        self._send(stream, {"op": "heartbeat"})
-        except OSError as error:
-            self.vmm.say(f"builtin guest: guest channel {path}: {error}")
+                        return
+            except OSError as error:
+                self.vmm.say(f"builtin guest: guest channel {path}: {error}")
+            if not self._reconnect(path, float(config.get("reconnect_s", 0))):
+                return
+
+    def _reconnect(self, path: str, within: float) -> bool:
+        """Wait until the host end listens again, for at most `within` seconds."""
+        until = time.monotonic() + within
+        while time.monotonic() < until and not self.halt.is_set():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                except OSError:
+                    time.sleep(0.2)
+                    continue
+            return True
+        return False
 
     @staticmethod
     def _send(stream, message: dict[str, Any]) -> None:
@@ -432,6 +458,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cloud-hypervisor-standin", description=__doc__.split("\n\n")[0])
+    # Real cloud-hypervisor prints "cloud-hypervisor v53.0" (`-V`/`--version`); the stand-in says what it is.
+    parser.add_argument("-V", "--version", action="version", version="cloud-hypervisor-standin v53.0 (hearth stand-in)")
     parser.add_argument("--api-socket", required=True)
     parser.add_argument("--event-monitor")
     parser.add_argument("--log-file")

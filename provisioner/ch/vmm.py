@@ -11,6 +11,9 @@ Start, in order (any failure stops what was started, removes what was made, and 
 Stop, in steps, each bounded: power button and wait (the guest shuts down cleanly), `vm.shutdown`,
 `vmm.shutdown`, SIGTERM, SIGKILL; then sockets, lock, scratch disk, tap (logs only on request).
 A process that ends by itself is noticed at once: a guest poweroff stops the node, anything else fails it.
+
+A controller's VMMs die with it (PR_SET_PDEATHSIG). The host agent's outlive it (`tied_to_parent=False`),
+so an agent restart keeps its VMs: the new agent `adopt`s each running VMM by its pid and API socket.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class ChVm:
                  history: NodeHistory | None = None, on_event: OnEvent | None = None,
                  guest_config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                  api_timeout: float = 5.0, start_timeout: float = 30.0, boot_timeout: float = BOOT_TIMEOUT,
-                 create_tap: bool = False, bridge: str | None = None, scratch_mib: int = 0) -> None:
+                 create_tap: bool = False, bridge: str | None = None, scratch_mib: int = 0,
+                 tied_to_parent: bool = True) -> None:
         self.spec = spec
         self.dir = run_dir / spec.node_id
         self.binary = binary
@@ -51,13 +55,14 @@ class ChVm:
         self.env = env
         self.api_timeout, self.start_timeout, self.boot_timeout = api_timeout, start_timeout, boot_timeout
         self.make_tap, self.bridge, self.scratch_mib = create_tap, bridge, scratch_mib
+        self.tied_to_parent = tied_to_parent
         self.api_socket = self.dir / "api.sock"
         self.vsock_socket = self.dir / "vsock.sock"
         self.serial_log = self.dir / "serial.log"
         self.vmm_log = self.dir / "cloud-hypervisor.log"
         self.scratch = self.dir / "scratch.img"
         self.vmm_events: list[VmmEvent] = []
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | AdoptedProcess | None = None
         self.client: ChClient | None = None
         self.channel: GuestChannel | None = None
         self.exited = asyncio.Event()
@@ -87,6 +92,33 @@ class ChVm:
             raise
         finally:
             self._starting = False
+
+    async def adopt(self, pid: int, *, made_tap: bool) -> None:
+        """Take over a VMM an earlier agent started (it runs, `vm.boot` had answered): watch its process,
+        serve its guest channel again. Its event monitor went with the earlier agent; `VmmExited` if the
+        process is gone or does not answer as a running VM (the caller then cleans up)."""
+        self._tap_made = made_tap
+        self.process = AdoptedProcess(pid)
+        self._tasks.append(asyncio.create_task(self._watch_process()))
+        self.client = ChClient(str(self.api_socket), timeout=self.api_timeout)
+        info = await self.client.info()
+        if info.state != "Running":
+            raise VmmExited(f"VM {self.spec.node_id} is {info.state}, not Running")
+        channel = Path(f"{self.vsock_socket}_{GUEST_PORT}")
+        channel.unlink(missing_ok=True)  # the earlier agent's listener; the guest reconnects to ours
+        self.channel = GuestChannel(channel, self.guest_config, self._on_guest)
+        await self.channel.start()
+
+    async def detach(self) -> None:
+        """Let go of a running VM without stopping it (its agent is going away; the next one adopts it)."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+        if self.channel is not None:
+            await self.channel.close()
 
     async def wait_for(self, state: NodeState, timeout: float) -> None:
         await self.tracker.wait_for(state, timeout)
@@ -150,7 +182,7 @@ class ChVm:
                 "--log-file", str(self.vmm_log), "--seccomp", "true", "-v",
                 pass_fds=(write_end,), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, env=None if self.env is None else {**os.environ, **self.env},
-                preexec_fn=die_with_parent)  # a controller that dies takes its VMMs (and their VMs) along
+                preexec_fn=die_with_parent if self.tied_to_parent else None)
             log.close()
         finally:
             os.close(write_end)
@@ -279,6 +311,37 @@ class ChVm:
         except OSError:
             return ""
         return ("; last log lines:\n    " + "\n    ".join(tail)) if tail else ""
+
+
+class AdoptedProcess:
+    """What ChVm uses of an asyncio subprocess, for a VMM that is not our child: its exit is seen through
+    a pidfd (no exit status: it is reported as 0)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fd = os.pidfd_open(pid)  # ProcessLookupError when it is gone already
+        self._ended = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self._fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._fd)
+        os.close(self._fd)
+        self.returncode = 0
+        self._ended.set()
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        return 0
+
+
+def vmm_pid_matches(pid: int, api_socket: Path) -> bool:
+    """Whether `pid` is still the VMM serving `api_socket` (and not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"path={api_socket}".encode() in cmdline
 
 
 def _reason(error: BaseException) -> str:

@@ -1,0 +1,93 @@
+"""`hearth hosts check`: reach every host's agent and judge what it reports, in one table.
+
+The agent reports facts (versions, VFIO state, GPUs, its bridge, forwarding, routes); the judging is done
+here, because only the hosts file knows the whole fleet: every host must route every other host's
+subnet (docs/networking.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from provisioner.agent.client import connect
+from provisioner.errors import HearthError
+from provisioner.spec import Host, Inventory
+
+
+async def gather(inventory: Inventory, local_dir: Path) -> list[dict[str, Any]]:
+    """One row per host: the agent's info, or why it could not be had, plus the problems found."""
+    return list(await asyncio.gather(*(_one(h, inventory, local_dir) for h in inventory.hosts)))
+
+
+async def _one(host: Host, inventory: Inventory, local_dir: Path) -> dict[str, Any]:
+    try:
+        client = await connect(host, local_dir)
+        try:
+            info = await client.info()
+        finally:
+            await client.aclose()
+    except HearthError as error:
+        return {"host": host.name, "info": None, "problems": [str(error)]}
+    return {"host": host.name, "info": info, "problems": problems(host, info, inventory)}
+
+
+def problems(host: Host, info: dict[str, Any], inventory: Inventory) -> list[str]:
+    found = []
+    vmm = info["cloud_hypervisor"]
+    if vmm.get("problem"):
+        found.append(f"cloud-hypervisor: {vmm['problem']}")
+    if info["vfio"]["exit_code"] >= 2:
+        found += [f"vfio: {p}" for p in info["vfio"]["problems"]]
+    if info["gpus"]["usable"] == 0:
+        found.append("no GPU is ready for VMs (hearth vfio check on the host says why)")
+    network = info["network"]
+    subnet = host.network.subnet
+    if subnet is None:
+        return found
+    bridge = network.get("bridge")
+    gateway = f"{next(subnet.hosts())}/{subnet.prefixlen}"
+    if network.get("subnet") != str(subnet):
+        found.append(f"the agent serves subnet {network.get('subnet')}, the hosts file says {subnet}")
+    if not bridge or not bridge["exists"]:
+        found.append(f"bridge {host.network.bridge} is missing")
+    else:
+        if not bridge["up"]:
+            found.append(f"bridge {bridge['name']} is down")
+        if gateway not in bridge["addresses"]:
+            found.append(f"bridge {bridge['name']} lacks the guests' gateway address {gateway}")
+    if not network["forwarding"]:
+        found.append("IPv4 forwarding is off (net.ipv4.ip_forward=1)")
+    routes = [ipaddress.ip_network(r) for r in network["routes"] if r != "default"]
+    for other in inventory.hosts:
+        theirs = other.network.subnet
+        if other.name != host.name and theirs is not None and not any(r.supernet_of(theirs) for r in routes):
+            found.append(f"no route to {other.name}'s guests ({theirs}"
+                         + (f" via {other.network.underlay})" if other.network.underlay else ")"))
+    return found
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    grid = Table(title="hearth hosts", title_justify="left")
+    for column in ("host", "agent", "GPUs free", "cloud-hypervisor", "VFIO", "network", "problems"):
+        grid.add_column(column, overflow="fold")
+    for row in rows:
+        info = row["info"]
+        problems_text = "\n".join(row["problems"]) or "[green]none[/]"
+        if info is None:
+            grid.add_row(row["host"], "[red]unreachable[/]", "", "", "", "", problems_text)
+            continue
+        vmm = info["cloud_hypervisor"]
+        vfio = {0: "[green]ready[/]", 1: "[yellow]warnings[/]"}.get(info["vfio"]["exit_code"], "[red]errors[/]")
+        network = info["network"]
+        bridge = network.get("bridge")
+        net = (f"{bridge['name']} {'up' if bridge['up'] else 'down'} {network['subnet']}" if bridge and bridge["exists"]
+               else "no bridge") + (", forwarding" if network["forwarding"] else ", no forwarding")
+        grid.add_row(row["host"], info["agent"], f"{info['gpus']['free']}/{info['gpus']['usable']}",
+                     (vmm.get("version") or "missing") + (" (stand-in)" if vmm.get("standin") else ""),
+                     f"{vfio} ({info['vfio']['gpus']} GPUs)", net, problems_text)
+    return grid

@@ -1,0 +1,124 @@
+"""The controller's side of the host agent API: httpx over the agent's Unix socket.
+
+A local host's socket is used as it is. For `ssh://user@host[:port]` the controller opens one SSH
+connection (asyncssh; the user's keys and known_hosts, or the ones the hosts file names, and host keys
+are always checked) and forwards a Unix socket in its run directory to the agent's socket on the host,
+the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon, port or secret: SSH is the
+authentication, the socket's group the authorisation. Every new HTTP connection is a new SSH channel, so
+an agent that restarts is reached again without reconnecting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from provisioner.errors import HearthError
+from provisioner.spec import Host
+
+
+class AgentRefused(HearthError):
+    """The agent refused or failed a request; its words, with the host's name."""
+
+    def __init__(self, host: str, status: int, message: str) -> None:
+        super().__init__(f"host {host}: {message}")
+        self.status = status
+
+
+class AgentUnreachable(HearthError):
+    pass
+
+
+class AgentClient:
+    def __init__(self, host: str, socket_path: Path, *, closers: list[Callable[[], Awaitable[None]]] = ()) -> None:
+        self.host = host
+        self.socket_path = socket_path
+        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+                                       base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
+        self._closers = list(closers)
+
+    async def info(self, image: Path | None = None) -> dict[str, Any]:
+        return await self._call("GET", "/v1/info", params={"image": str(image)} if image else None)
+
+    async def gpus(self) -> list[dict[str, Any]]:
+        return await self._call("GET", "/v1/gpus")
+
+    async def create_vm(self, vm_id: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return await self._call("PUT", f"/v1/vms/{vm_id}", json=body, timeout=timeout)
+
+    async def vm(self, vm_id: str, after: int = 0, wait: float = 0) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/vms/{vm_id}", params={"after": after, "wait": wait}, timeout=wait + 30)
+
+    async def vms(self) -> list[dict[str, Any]]:
+        return await self._call("GET", "/v1/vms")
+
+    async def delete_vm(self, vm_id: str, grace: float = 5.0) -> dict[str, Any]:
+        return await self._call("DELETE", f"/v1/vms/{vm_id}", params={"grace": grace}, timeout=grace + 60)
+
+    async def renew(self, controller: str, ttl: float) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/leases/{controller}", params={"ttl": ttl})
+
+    async def release(self, controller: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/v1/leases/{controller}", timeout=120)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
+
+    async def _call(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise AgentUnreachable(f"host {self.host}: the hearth agent at {self.socket_path} does not answer "
+                                   f"({type(error).__name__}); is it running (systemctl status hearth-agent)?") from error
+        if response.is_success:
+            return response.json()
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text.strip() or response.reason_phrase
+        raise AgentRefused(self.host, response.status_code, message)
+
+
+async def connect(host: Host, local_dir: Path) -> AgentClient:
+    """A client for `host`'s agent: its socket, or a forward of it through SSH into `local_dir`."""
+    if host.address == "local":
+        return AgentClient(host.name, host.agent_socket)
+    import asyncssh
+
+    user, hostname, port = re.fullmatch(r"ssh://(?:([^@/\s]+)@)?([^@/:\s]+)(?::(\d+))?", host.address).groups()
+    options: dict[str, Any] = {"port": int(port or 22), "username": user}
+    if host.ssh_identity is not None:
+        options["client_keys"] = [str(host.ssh_identity)]
+    if host.ssh_known_hosts is not None:
+        options["known_hosts"] = str(host.ssh_known_hosts)
+    try:
+        connection = await asyncssh.connect(hostname, **options)
+    except (OSError, asyncssh.Error) as error:
+        raise AgentUnreachable(f"host {host.name}: cannot connect over SSH to {host.address}: {error}. Check the "
+                               "controller's key is in the host's authorized_keys and the host key in known_hosts") from error
+    local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    local = local_dir / f"{host.name}.sock"
+    local.unlink(missing_ok=True)
+    try:
+        listener = await connection.forward_local_path(str(local), str(host.agent_socket))
+    except (OSError, asyncssh.Error) as error:
+        connection.close()
+        raise AgentUnreachable(f"host {host.name}: cannot forward {local} to {host.agent_socket} over SSH: {error}") from error
+
+    async def close() -> None:
+        listener.close()
+        connection.close()
+        await connection.wait_closed()
+        local.unlink(missing_ok=True)
+
+    return AgentClient(host.name, local, closers=[close])

@@ -1,0 +1,370 @@
+"""The host agent: this host's GPUs, VMs, taps and addresses, leased to controllers that keep renewing.
+
+Creating a VM, in order (bad input fails before anything is leased or made):
+    1. check the request: the GPUs exist here, are GPUs, sit on vfio-pci in viable groups; the image is here
+    2. under one lock: allocate CID, tap, address; write the lease (`LeaseConflict` if a GPU is taken)
+    3. ChVm.start: tap on the bridge, cloud-hypervisor, vm.create, vm.boot (any failure undoes itself)
+    4. record that vm.boot answered; the guest says hello and ready on the guest channel, which ends here
+A VM's end (deleted, its controller's lease expired, the guest powered off, the VMM died) releases its lease.
+
+The VMMs outlive the agent, so a restart keeps the VMs: on start the agent adopts every VM whose VMM still
+runs, had booted and whose controller's lease holds, and removes what is left of every other one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from provisioner.agent.ledger import AgentError, Ledger, VmLease
+from provisioner.ch.config import GpuGroup, vm_spec
+from provisioner.ch.vmm import ChVm, vmm_pid_matches
+from provisioner.errors import HearthError
+from provisioner.events import NodeEvent, NodeState
+from provisioner.net import bridge_facts, delete_tap, ipv4_routes, tap_exists
+from vfio.hostroot import HostRoot
+from vfio.inventory import host_report
+from vfio.pci import VFIO_DRIVER, PciTopology
+
+VERSION = "0.1.0"
+REAP_INTERVAL = 1.0
+KEEP_ENDED_S = 600.0  # how long an ended VM's record stays readable (a controller may ask how it ended)
+
+
+class NotFound(AgentError):
+    status = 404
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host_root: Path = Path("/")
+    state_dir: Path = Path("/var/lib/hearth/agent")
+    run_dir: Path = Path("/run/hearth/vms")  # per-VM sockets and logs: short, a socket path fits 107 bytes
+    cloud_hypervisor: str = "cloud-hypervisor"
+    bridge: str | None = None
+    subnet: ipaddress.IPv4Network | None = None
+    reconnect_s: float = 30.0  # how long a guest waits for a restarting agent before it powers off
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network | None:
+        if value is not None and value.num_addresses < 4:
+            raise ValueError("a host subnet needs room for a gateway and guests: /30 or bigger")
+        return value
+
+
+class GpuRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str
+    clique: int | None = None
+
+
+class CreateVm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    controller: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    lease_s: float = Field(default=30.0, ge=1, le=3600)
+    gpus: list[GpuRequest] = []
+    cpus: int = 1
+    memory_mib: int = 1024
+    image: Path
+    guest: dict[str, Any] = {}  # what the guest gets over the guest channel (Ray address, token, labels)
+    standin: dict[str, Any] | None = None  # settings for cloud-hypervisor-standin; refused by a real VMM
+
+
+class HostAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.host = HostRoot(config.host_root)
+        self.ledger = Ledger(config.state_dir)
+        self.vms: dict[str, ChVm] = {}
+        self.ended: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+
+    # -- life ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.config.bridge and not bridge_facts(self.config.bridge)["exists"]:
+            self.ledger.close()
+            raise AgentError(f"bridge {self.config.bridge} does not exist: create it (the hearth_network Ansible "
+                             "role does, see docs/networking.md) or start the agent without --bridge")
+        if self.config.bridge and self.config.subnet is None:
+            self.ledger.close()
+            raise AgentError("--bridge needs --subnet: the agent hands guests addresses from the host's subnet")
+        self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._recover()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def close(self) -> None:
+        """Stop serving; the VMs keep running (a restarted agent adopts them)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for vm in self.vms.values():
+            await vm.detach()
+        self.ledger.close()
+
+    # -- inventory -------------------------------------------------------------------------------
+    def gpus(self) -> list[dict[str, Any]]:
+        """Every GPU a VM could take (on vfio-pci, viable group), and who leases it."""
+        topology = PciTopology(self.host)
+        return [{"address": gpu.address, "numa": gpu.numa_node,
+                 "functions": [c.address for c in topology.companions(gpu)],
+                 "leased_to": self.ledger.holder(gpu.address)}
+                for gpu in topology.gpus if gpu.driver == VFIO_DRIVER and topology.group_viable(gpu)]
+
+    def info(self, image: Path | None = None) -> dict[str, Any]:
+        gpus = self.gpus()
+        report = host_report(self.host)
+        info = {
+            "agent": VERSION, "hostname": socket.gethostname(),
+            "cloud_hypervisor": _vmm_version(self.config.cloud_hypervisor),
+            "vfio": {"exit_code": report.exit_code, "gpus": len(report.gpus),
+                     "problems": [f.message for f in report.problems][:5]},
+            "gpus": {"usable": len(gpus), "free": sum(1 for g in gpus if g["leased_to"] is None)},
+            "vms": len(self.vms), "controllers": len(self.ledger.controllers),
+            "network": self._network(),
+        }
+        if image is not None:
+            info["image_problem"] = _image_problem(image)
+        return info
+
+    def _network(self) -> dict[str, Any]:
+        forwarding = self.host.path("proc/sys/net/ipv4/ip_forward")
+        return {"bridge": bridge_facts(self.config.bridge) if self.config.bridge else None,
+                "subnet": str(self.config.subnet) if self.config.subnet else None,
+                "forwarding": forwarding.is_file() and forwarding.read_text().strip() == "1",
+                "routes": ipv4_routes()}
+
+    # -- VMs -------------------------------------------------------------------------------------
+    async def create_vm(self, vm_id: str, request: CreateVm) -> dict[str, Any]:
+        """Lease, start and boot; returns once vm.boot answered. The same request again (a controller
+        retrying after a dropped connection) gets the same VM."""
+        if vm_id in self.ledger.vms:
+            lease = self.ledger.vms[vm_id]
+            if lease.controller != request.controller:
+                raise AgentError(f"VM id {vm_id} belongs to controller {lease.controller}")
+            vm = self.vms.get(vm_id)
+            if vm is not None:
+                await vm.tracker.wait_for(NodeState.booting, 600)
+            return self.vm(vm_id)
+        if request.standin is not None and not Path(self.config.cloud_hypervisor).name.endswith("-standin"):
+            raise AgentError("standin settings are for cloud-hypervisor-standin; this agent runs a real VMM")
+        gpus = self._check_gpus(request.gpus)
+        async with self._lock:
+            self.ledger.renew(request.controller, request.lease_s)
+            cid = self.ledger.next_cid()
+            address = self.ledger.next_address(self.config.subnet) if self.config.bridge else None
+            lease = VmLease(id=vm_id, controller=request.controller, cid=cid,
+                            gpus=[g.address for g in gpus], functions=[f for g in gpus for f in g.functions],
+                            tap=f"hth{cid}" if self.config.bridge else None,
+                            address=str(address) if address else None,
+                            mac=_mac(address.ip) if address else None,
+                            created_at=time.time(), request=request.model_dump(mode="json"))
+            vm = self._vm(lease, gpus)  # checks the spec: nothing is leased yet if it is bad
+            self.ledger.reserve(lease)
+            self.vms[vm_id] = vm
+        try:
+            await vm.start()
+        except BaseException:
+            self._forget(vm_id, "its boot failed")
+            raise
+        lease.booted = True
+        self.ledger.save(lease)
+        return self.vm(vm_id)
+
+    def vm(self, vm_id: str) -> dict[str, Any]:
+        if vm_id in self.vms:
+            return _summary(self.vms[vm_id], self.ledger.vms.get(vm_id))
+        if vm_id in self.ended:
+            return self.ended[vm_id]
+        raise NotFound(f"no VM {vm_id} on this host")
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        return [self.vm(v) for v in self.vms]
+
+    async def watch(self, vm_id: str, after: int, wait: float) -> dict[str, Any]:
+        """The VM once it has more than `after` events (or has ended), or as it is after `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            summary = self.vm(vm_id)
+            if len(summary["events"]) > after or summary["state"] == "stopped" or time.monotonic() >= deadline:
+                return summary
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+
+    async def delete_vm(self, vm_id: str, grace: float = 5.0) -> dict[str, Any]:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            return self.vm(vm_id)
+        await vm.stop(grace, remove_logs=True)
+        return self.vm(vm_id)
+
+    def renew(self, controller: str, ttl: float) -> dict[str, Any]:
+        expires = self.ledger.renew(controller, ttl)
+        return {"controller": controller, "expires_in": round(expires - time.time(), 3),
+                "vms": sorted(v.id for v in self.ledger.vms.values() if v.controller == controller)}
+
+    async def release(self, controller: str, why: str = "its controller released it") -> None:
+        """Stop every VM of `controller` and forget its lease."""
+        mine = [self.vms[v.id] for v in list(self.ledger.vms.values()) if v.controller == controller and v.id in self.vms]
+        await asyncio.gather(*(vm.stop(0 if "expired" in why else 5.0, remove_logs=True) for vm in mine),
+                             return_exceptions=True)
+        self.ledger.drop(controller, why)
+
+    # -- inside ----------------------------------------------------------------------------------
+    def _check_gpus(self, wanted: list[GpuRequest]) -> list[GpuGroup]:
+        topology = PciTopology(self.host)
+        devices = {d.address: d for d in topology.devices.values()}
+        groups, problems = [], []
+        for gpu in wanted:
+            device = devices.get(gpu.address)
+            if device is None or not device.is_gpu:
+                problems.append(f"{gpu.address} is not a GPU on this host")
+            elif device.driver != VFIO_DRIVER:
+                problems.append(f"{gpu.address} is on {device.driver or 'no driver'}, not vfio-pci "
+                                f"(hearth vfio bind {gpu.address} --persist)")
+            elif not topology.group_viable(device):
+                problems.append(f"{gpu.address}'s IOMMU group is not viable (hearth vfio check says why)")
+            else:
+                groups.append(GpuGroup(address=gpu.address, clique=gpu.clique,
+                                       functions=[c.address for c in topology.companions(device)]))
+        if problems:
+            raise AgentError("; ".join(problems))
+        return groups
+
+    def _vm(self, lease: VmLease, gpus: list[GpuGroup] | None = None) -> ChVm:
+        request = CreateVm.model_validate(lease.request)
+        image = request.image
+        spec = vm_spec(node_id=lease.id, kernel=image / "vmlinuz",
+                       initramfs=image / "initrd.img" if (image / "initrd.img").is_file() else None,
+                       image=image / "rootfs.img", cpus=request.cpus, memory_mib=request.memory_mib,
+                       vsock_cid=lease.cid, tap=lease.tap, mac=lease.mac, sysfs_root=self.config.host_root,
+                       gpus=self._check_gpus(request.gpus) if gpus is None else gpus)
+        guest = {**request.guest, "reconnect_s": self.config.reconnect_s}
+        if lease.address:
+            gateway = next(self.config.subnet.hosts())
+            guest["network"] = {"address": lease.address, "gateway": str(gateway), "mac": lease.mac}
+        env = {"HEARTH_STANDIN": json.dumps(request.standin)} if request.standin is not None else None
+        return ChVm(spec, self.config.run_dir, binary=self.config.cloud_hypervisor, on_event=self._on_event,
+                    guest_config=guest, env=env, create_tap=lease.tap is not None, bridge=self.config.bridge,
+                    tied_to_parent=False)
+
+    def _on_event(self, event: NodeEvent) -> None:
+        if event.state == NodeState.stopped and event.node in self.vms:
+            self._forget(event.node, event.detail or "stopped")
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _forget(self, vm_id: str, why: str) -> None:
+        vm = self.vms.pop(vm_id, None)
+        if vm is not None:
+            self.ended[vm_id] = _summary(vm, None)
+        self.ledger.release(vm_id, why)
+        cutoff = time.time() - KEEP_ENDED_S
+        for old in [k for k, v in self.ended.items() if (v["events"] or [{"at": 0}])[-1]["at"] < cutoff]:
+            del self.ended[old]
+
+    async def _reap(self) -> None:
+        """Stop the VMs of every controller that stopped renewing (the notebook died, the network split)."""
+        while True:
+            for controller in self.ledger.expired():
+                await self.release(controller, "its controller's lease expired")
+            await asyncio.sleep(REAP_INTERVAL)
+
+    async def _recover(self) -> None:
+        expired = set(self.ledger.expired())
+        for lease in list(self.ledger.vms.values()):
+            api_socket = self.config.run_dir / lease.id / "api.sock"
+            pid = _find_vmm(api_socket)
+            if pid is not None and lease.booted and lease.controller not in expired:
+                try:
+                    vm = self._vm(lease)
+                    vm.tracker.transition(NodeState.requested, "adopted by a restarted agent")
+                    vm.tracker.transition(NodeState.placed)
+                    vm.tracker.transition(NodeState.vmm_started)
+                    vm.tracker.transition(NodeState.booting)
+                    self.vms[lease.id] = vm
+                    await vm.adopt(pid, made_tap=lease.tap is not None)
+                    continue
+                except (HearthError, OSError) as error:
+                    self.vms.pop(lease.id, None)
+                    why = f"could not adopt it: {error}"
+            else:
+                why = ("its VMM was gone" if pid is None else "it had not booted when the agent stopped" if not lease.booted
+                       else "its controller's lease had expired")
+            self._remove_remains(lease, pid, api_socket.parent)
+            self.ledger.release(lease.id, f"agent restart: {why}")
+        for controller in expired:
+            self.ledger.drop(controller, "its controller's lease expired")
+
+    def _remove_remains(self, lease: VmLease, pid: int | None, directory: Path) -> None:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists() or "State:\tZ" in _status(pid):
+                    break
+                time.sleep(0.05)
+        if lease.tap and tap_exists(lease.tap):
+            delete_tap(lease.tap)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
+    history = vm.history
+    return {"id": vm.spec.node_id, "state": history.state.value if history.state else "new",
+            "controller": lease.controller if lease else None, "gpus": lease.gpus if lease else [],
+            "address": lease.address if lease else None, "tap": lease.tap if lease else None,
+            "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
+            "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
+
+
+def _mac(ip: ipaddress.IPv4Address) -> str:
+    """Locally administered, from the address (unique across the cluster's range)."""
+    return "52:54:" + ":".join(f"{b:02x}" for b in ip.packed)
+
+
+def _find_vmm(api_socket: Path) -> int | None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if vmm_pid_matches(int(pid), api_socket) and "State:\tZ" not in _status(int(pid)):
+            return int(pid)
+    return None
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+def _vmm_version(binary: str) -> dict[str, Any]:
+    found = shutil.which(binary)
+    if found is None:
+        return {"binary": binary, "version": None, "problem": f"{binary} not found (the Ansible role installs it)"}
+    try:
+        out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"binary": found, "version": None, "problem": str(error)}
+    return {"binary": found, "version": out.split()[1] if len(out.split()) > 1 else out, "standin": "stand-in" in out}
+
+
+def _image_problem(image: Path) -> str | None:
+    missing = [f for f in ("vmlinuz", "rootfs.img") if not (image / f).is_file()]
+    if missing:
+        return f"image {image} lacks {', '.join(missing)} on this host; build it with `hearth guest build` and copy it here"
+    return None

@@ -1,0 +1,177 @@
+"""`hearth agent`: the host agent's HTTP API, on a Unix socket only.
+
+The socket is mode 0660, owned by root and `--group` (default `hearth`, when that group exists): admins
+and the controllers' SSH user are in it; nobody else can reach the agent, and there is no TCP listener.
+A remote controller reaches the socket through SSH (see client.py). SIGTERM or SIGINT ends the agent and
+leaves its VMs running, for the next agent to adopt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
+from provisioner.agent.ledger import AgentError
+from provisioner.errors import HearthError, SpecError, VmmError, validated
+
+DEFAULT_SOCKET = Path("/run/hearth/agent.sock")
+
+
+def app(agent: HostAgent) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.get("/v1/info")
+    async def info(request: web.Request) -> web.Response:
+        image = request.query.get("image")
+        return _json(await asyncio.to_thread(agent.info, Path(image) if image else None))
+
+    @routes.get("/v1/gpus")
+    async def gpus(request: web.Request) -> web.Response:
+        return _json(await asyncio.to_thread(agent.gpus))
+
+    @routes.get("/v1/vms")
+    async def vms(request: web.Request) -> web.Response:
+        return _json(agent.list_vms())
+
+    @routes.put("/v1/vms/{id}")
+    async def create(request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise AgentError("the request body is not JSON") from None
+        return _json(await agent.create_vm(_vm_id(request), validated(CreateVm, data, "VM request")), status=201)
+
+    @routes.get("/v1/vms/{id}")
+    async def get(request: web.Request) -> web.Response:
+        after, wait = _number(request, "after", 0), _number(request, "wait", 0)
+        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60)))
+
+    @routes.delete("/v1/vms/{id}")
+    async def delete(request: web.Request) -> web.Response:
+        return _json(await agent.delete_vm(_vm_id(request), _number(request, "grace", 5)))
+
+    @routes.post("/v1/leases/{controller}")
+    async def renew(request: web.Request) -> web.Response:
+        return _json(agent.renew(request.match_info["controller"], max(1.0, _number(request, "ttl", 30))))
+
+    @routes.delete("/v1/leases/{controller}")
+    async def release(request: web.Request) -> web.Response:
+        await agent.release(request.match_info["controller"])
+        return _json({"released": request.match_info["controller"]})
+
+    application = web.Application(middlewares=[_errors])
+    application.add_routes(routes)
+    return application
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AgentError as error:
+        return _json({"error": str(error)}, status=error.status)
+    except SpecError as error:
+        return _json({"error": str(error)}, status=400)
+    except (VmmError, HearthError, OSError) as error:
+        return _json({"error": str(error)}, status=502)
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+
+
+def _vm_id(request: web.Request) -> str:
+    return request.match_info["id"]
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    try:
+        return float(request.query.get(name, default))
+    except ValueError:
+        raise AgentError(f"query parameter {name} must be a number") from None
+
+
+async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
+                ready: asyncio.Event | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT (or cancellation)."""
+    _claim(socket_path)
+    agent = HostAgent(config)
+    await agent.start()
+    runner = web.AppRunner(app(agent), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.UnixSite(runner, str(socket_path))
+        await site.start()
+        os.chmod(socket_path, 0o660)
+        if group:
+            with contextlib.suppress(KeyError):
+                os.chown(socket_path, -1, grp.getgrnam(group).gr_gid)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"hearth agent: serving on {socket_path} (state {config.state_dir}, host root {config.host_root}, "
+              f"{len(agent.vms)} VMs adopted)", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await agent.close()
+        socket_path.unlink(missing_ok=True)
+
+
+def _claim(path: Path) -> None:
+    """Make the socket's directory; refuse when another agent answers on the socket, clear a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise AgentError(f"another hearth agent serves {path}: stop it first (systemctl stop hearth-agent)")
+        finally:
+            probe.close()
+
+
+def spawn(socket_path: Path, state_dir: Path, run_dir: Path, *, host_root: Path = Path("/"),
+          cloud_hypervisor: str = "cloud-hypervisor", bridge: str | None = None, subnet: str | None = None,
+          log: Path | None = None, timeout: float = 30.0) -> subprocess.Popen:
+    """Start `hearth agent` as a process of its own (benchmarks and tests; hosts use the systemd unit) and
+    return once it answers on its socket."""
+    argv = [sys.executable, "-m", "provisioner.cli", "agent", "--socket", str(socket_path), "--state-dir",
+            str(state_dir), "--run-dir", str(run_dir), "--host-root", str(host_root),
+            "--cloud-hypervisor", cloud_hypervisor]
+    if bridge:
+        argv += ["--bridge", bridge, "--subnet", str(subnet)]
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text()[-2000:] if log else ""
+            raise AgentError(f"hearth agent exited with status {process.returncode}: {tail}")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(socket_path))
+                return process
+            except OSError:
+                time.sleep(0.05)
+    process.kill()
+    raise AgentError(f"hearth agent did not serve {socket_path} within {timeout:g} s")
