@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.agent.server import spawn
 from provisioner.ch.api import ChClient
+from provisioner.spec import Host
 
 SENT: list[tuple[str, str, object]] = []
 ChClient.observers.append(lambda method, endpoint, body: SENT.append((method, endpoint, body)))
@@ -40,3 +42,37 @@ def vm_files(tmp_path):
         files[name] = tmp_path / name
         files[name].write_bytes(b"\0" * 4096)
     return files
+
+
+@pytest.fixture
+def agents(run_dir, tmp_path):
+    """Start host agents on the cloud-hypervisor STAND-IN: `agents.start(name, root=None, **options)` returns
+    the `Host` that reaches it; its VMs live under `agents.vms(name)`. Stopped (SIGTERM) after the test."""
+
+    class Agents:
+        processes: dict = {}
+
+        def start(self, name: str = "a", root: Path | None = None, **options) -> Host:
+            if root is None:
+                root = tmp_path / f"root-{name}"
+                root.mkdir(exist_ok=True)
+            socket = run_dir / f"{name}.sock"
+            self.processes[name] = spawn(socket, tmp_path / f"state-{name}", self.vms(name), host_root=root,
+                                         cloud_hypervisor=STANDIN, log=tmp_path / f"agent-{name}.log", **options)
+            return Host(name=name, agent_socket=socket)
+
+        def vms(self, name: str) -> Path:
+            return run_dir / f"vms-{name}"
+
+        def state(self, name: str) -> Path:
+            return tmp_path / f"state-{name}"
+
+        def stop(self, name: str, sig: int = 15) -> None:
+            process = self.processes.pop(name)
+            process.send_signal(sig)
+            process.wait(30)
+
+    started = Agents()
+    yield started
+    for name in list(started.processes):
+        started.stop(name)

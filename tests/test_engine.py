@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STANDIN
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
 from provisioner.cluster import ClusterRun
 from provisioner.engine import BootError
 from provisioner.errors import SpecError
 from provisioner.events import NodeState
-from provisioner.placement import GpuSlot, PlacementError, host_gpus, place
+from provisioner.ch.api import ChClient
+from provisioner.placement import GpuSlot, PlacementError, place
 from provisioner.spec import Host, Inventory, cluster_spec, load_inventory
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
@@ -87,17 +87,6 @@ def test_placement_keeps_a_nodes_gpus_on_one_numa_node_or_clique():
     assert len(place(["n0"], 8, ["a"], clique)[0].gpus) == 8
 
 
-def test_host_gpus_are_the_vfio_bound_ones(tmp_path):
-    tree = hgx_h100(tmp_path)
-    host = Host(name="gpu01", host_root=tmp_path, nvlink_cliques=[HGX_GPUS])
-    assert host_gpus(host) == []  # all still on nvidia
-    with FakeKernel(tree):
-        apply(HostRoot(tmp_path), plan_bind(HostRoot(tmp_path), HGX_GPUS[:6], nvml=None))
-    slots = host_gpus(host)
-    assert [s.address for s in slots] == sorted(HGX_GPUS[:6]) and {s.clique for s in slots} == {0}
-    assert [s.numa for s in slots] == [0, 0, 0, 0, 1, 1]
-
-
 def _settings(faults: dict[str, list]):
     """Stand-in settings per node id: the fault for each successive attempt (None: boots fine)."""
     attempts: Counter = Counter()
@@ -111,20 +100,26 @@ def _settings(faults: dict[str, list]):
     return settings
 
 
-def _stand_in_run(spec, settings, run_dir, events=None) -> ClusterRun:
-    inventory = Inventory(hosts=[Host(name="local", cloud_hypervisor=STANDIN)])
-    return ClusterRun(spec, run_dir, inventory=inventory, standin=settings, with_ray=False,
+def _stand_in_run(spec, settings, run_dir, agents, events=None) -> ClusterRun:
+    inventory = Inventory(hosts=[agents.start("a")])
+    return ClusterRun(spec, run_dir / "c", inventory=inventory, standin=settings, with_ray=False,
                       on_event=events.append if events is not None else None)
 
 
-def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir):
+def _nothing_left(agents, name="a") -> None:
+    vms = agents.vms(name)
+    assert processes_mentioning(f"{vms}/") == [] and not any(vms.rglob("*.sock*"))
+    assert list((agents.state(name) / "vms").iterdir()) == []
+
+
+def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir, agents):
     faults = {f"big-{i}": ["boot-fails"] for i in (3, 17, 40)}  # fail once, then boot on the retry
     faults |= {f"big-{i}": ["slow-boot", "slow-boot"] for i in (9, 50)}  # time out twice: lost
     faults["big-22"] = ["crash-mid-boot"]
     # boot_timeout leaves room for 64 Python stand-ins starting at once on 2 cores; a slow boot takes 200 s
     spec = cluster_spec(nodes=64, backend="cloud-hypervisor", image=image, name="big", boot_timeout=30, min_nodes=60)
     events = []
-    run = _stand_in_run(spec, _settings(faults), run_dir, events)
+    run = _stand_in_run(spec, _settings(faults), run_dir, agents, events)
 
     async def scenario():
         ready = await run.up()
@@ -144,32 +139,32 @@ def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir):
         assert nodes[node_id]["errors"] == ["not ready within boot_timeout (30 s)"] * 2
     retried = [e for e in events if e.state == NodeState.requested and e.detail and e.detail.startswith("retry")]
     assert len(retried) == 6
-    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+    _nothing_left(agents)
 
 
-def test_below_min_nodes_everything_is_torn_down(image, run_dir):
+def test_below_min_nodes_everything_is_torn_down(image, run_dir, agents):
     faults = {f"few-{i}": ["boot-fails", "boot-fails"] for i in (1, 4, 6)}
     spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="few", boot_timeout=20, min_nodes=6)
-    run = _stand_in_run(spec, _settings(faults), run_dir)
+    run = _stand_in_run(spec, _settings(faults), run_dir, agents)
     with pytest.raises(BootError) as failed:
         asyncio.run(run.up())
     text = str(failed.value)
     assert "only 5 of 8 nodes became ready (min_nodes 6); everything was torn down" in text
-    assert "few-4: cloud-hypervisor vm.boot answered 500" in text and "; then " in text
+    assert "few-4: host a: cloud-hypervisor vm.boot answered 500" in text and "; then " in text
     assert run.status == "failed"
     assert all(n["state"] == "stopped" for n in run.summary()["nodes"])
-    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+    _nothing_left(agents)
 
 
-def test_cancel_half_way_tears_everything_down(image, run_dir):
+def test_cancel_half_way_tears_everything_down(image, run_dir, agents):
     spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="cancel", boot_timeout=60)
     settings = lambda node_id: {"boot_s": 5.0, "guest": "builtin"}  # noqa: E731
-    run = _stand_in_run(spec, settings, run_dir)
+    run = _stand_in_run(spec, settings, run_dir, agents)
 
     async def scenario():
         task = asyncio.create_task(run.up())
-        await asyncio.sleep(1.5)
-        booting = len(processes_mentioning(str(run_dir)))
+        await asyncio.sleep(2.5)
+        booting = len(processes_mentioning(f"{agents.vms('a')}/"))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -177,22 +172,26 @@ def test_cancel_half_way_tears_everything_down(image, run_dir):
 
     assert asyncio.run(scenario()) == 8  # they were all booting at once
     assert run.status == "failed" and run.error == "cancelled"
-    assert processes_mentioning(str(run_dir)) == [] and not any(run_dir.rglob("*.sock*"))
+    _nothing_left(agents)
 
 
-def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path):
+def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path, agents):
     root = tmp_path / "host"
     tree = hgx_h100(root)
     with FakeKernel(tree):
         apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS, nvml=None))
-    inventory = Inventory(hosts=[Host(name="gpu01", cloud_hypervisor=STANDIN, host_root=root,
-                                      nvlink_cliques=[HGX_GPUS])])
+    host = agents.start("gpu01", root=root).model_copy(update={"nvlink_cliques": [HGX_GPUS]})
+    inventory = Inventory(hosts=[host])
     spec = cluster_spec(nodes=2, gpus_per_node=4, gpu_type="H100", backend="cloud-hypervisor", image=image, name="gpu")
-    run = ClusterRun(spec, run_dir, inventory=inventory, standin=_settings({}), with_ray=False)
+    run = ClusterRun(spec, run_dir / "c", inventory=inventory, standin=_settings({}), with_ray=False)
 
     async def scenario():
         await run.up()
-        configs = [(await r.process.client.info()).config for r in run.engine.nodes.values()]
+        configs = []
+        for node in run.engine.nodes:
+            client = ChClient(str(agents.vms("gpu01") / node / "api.sock"))
+            configs.append((await client.info()).config)
+            await client.aclose()
         await run.down()
         return configs
 
@@ -202,7 +201,7 @@ def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path):
     assert all(d["x_nv_gpudirect_clique"] == 0 for c in configs for d in c["devices"])
     too_many = cluster_spec(nodes=3, gpus_per_node=4, backend="cloud-hypervisor", image=image, name="gpu")
     with pytest.raises(PlacementError, match="need 3 nodes x 4 GPUs = 12 GPUs, but only 8 are free"):
-        asyncio.run(ClusterRun(too_many, run_dir, inventory=inventory, with_ray=False).up())
+        asyncio.run(ClusterRun(too_many, run_dir / "c", inventory=inventory, with_ray=False).up())
 
 
 def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir):

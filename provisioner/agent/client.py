@@ -41,6 +41,7 @@ class AgentClient:
         self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
                                        base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
         self._closers = list(closers)
+        self.calls = 0
 
     async def info(self, image: Path | None = None) -> dict[str, Any]:
         return await self._call("GET", "/v1/info", params={"image": str(image)} if image else None)
@@ -75,6 +76,7 @@ class AgentClient:
     async def _call(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
         if timeout is not None:
             kwargs["timeout"] = timeout
+        self.calls += 1
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -356,6 +357,12 @@ def _vmm_version(binary: str) -> dict[str, Any]:
     found = shutil.which(binary)
     if found is None:
         return {"binary": binary, "version": None, "problem": f"{binary} not found (the Ansible role installs it)"}
+    return _version_of(found, os.stat(found).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(found: str, mtime_ns: int) -> dict[str, Any]:
+    """Asked once per binary (and again when it is replaced): `--version` costs a process start."""
     try:
         out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as error:
