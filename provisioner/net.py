@@ -20,7 +20,8 @@ def create_tap(name: str, bridge: str | None = None) -> None:
     """A tap named `name`, up, enslaved to `bridge` when given. Raises `NetError` and leaves nothing."""
     made = _ip("tuntap", "add", "dev", name, "mode", "tap")
     if made.returncode != 0:
-        raise NetError(f"cannot create tap {name}: {made.stderr.strip()} (hearth needs root or CAP_NET_ADMIN)")
+        hint = " (hearth needs root or CAP_NET_ADMIN)" if "not permitted" in made.stderr else ""
+        raise NetError(f"cannot create tap {name}: {made.stderr.strip()}{hint}")
     steps = [("link", "set", name, "master", bridge)] if bridge else []
     steps.append(("link", "set", name, "up"))
     for step in steps:

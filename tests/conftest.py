@@ -51,15 +51,21 @@ def agents(run_dir, tmp_path):
 
     class Agents:
         processes: dict = {}
+        started_with: dict = {}
 
         def start(self, name: str = "a", root: Path | None = None, **options) -> Host:
             if root is None:
                 root = tmp_path / f"root-{name}"
                 root.mkdir(exist_ok=True)
+            self.started_with[name] = (root, options)
             socket = run_dir / f"{name}.sock"
             self.processes[name] = spawn(socket, tmp_path / f"state-{name}", self.vms(name), host_root=root,
                                          cloud_hypervisor=STANDIN, log=tmp_path / f"agent-{name}.log", **options)
             return Host(name=name, agent_socket=socket)
+
+        def restart(self, name: str) -> Host:
+            root, options = self.started_with[name]
+            return self.start(name, root, **options)
 
         def vms(self, name: str) -> Path:
             return run_dir / f"vms-{name}"

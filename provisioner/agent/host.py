@@ -170,7 +170,7 @@ class HostAgent:
             address = self.ledger.next_address(self.config.subnet) if self.config.bridge else None
             lease = VmLease(id=vm_id, controller=request.controller, cid=cid,
                             gpus=[g.address for g in gpus], functions=[f for g in gpus for f in g.functions],
-                            tap=f"hth{cid}" if self.config.bridge else None,
+                            tap=_tap_name(address.ip) if address else None,
                             address=str(address) if address else None,
                             mac=_mac(address.ip) if address else None,
                             created_at=time.time(), request=request.model_dump(mode="json"))
@@ -332,6 +332,11 @@ def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
             "address": lease.address if lease else None, "tap": lease.tap if lease else None,
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
+
+
+def _tap_name(ip: ipaddress.IPv4Address) -> str:
+    """From the guest's address, unique across the cluster's range (and within IFNAMSIZ): hth0afb0102."""
+    return "hth" + ip.packed.hex()
 
 
 def _mac(ip: ipaddress.IPv4Address) -> str:

@@ -153,25 +153,25 @@ def spawn(socket_path: Path, state_dir: Path, run_dir: Path, *, host_root: Path 
           cloud_hypervisor: str = "cloud-hypervisor", bridge: str | None = None, subnet: str | None = None,
           log: Path | None = None, timeout: float = 30.0) -> subprocess.Popen:
     """Start `hearth agent` as a process of its own (benchmarks and tests; hosts use the systemd unit) and
-    return once it answers on its socket."""
+    return once it says it serves (its output goes to `log`, default `<state_dir>.log`)."""
     argv = [sys.executable, "-m", "provisioner.cli", "agent", "--socket", str(socket_path), "--state-dir",
             str(state_dir), "--run-dir", str(run_dir), "--host-root", str(host_root),
             "--cloud-hypervisor", cloud_hypervisor]
     if bridge:
         argv += ["--bridge", bridge, "--subnet", str(subnet)]
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    log = log or state_dir.with_name(state_dir.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        said = log.read_bytes()[start:].decode(errors="replace")
+        if "hearth agent: serving on" in said:
+            return process
         if process.poll() is not None:
-            tail = log.read_text()[-2000:] if log else ""
-            raise AgentError(f"hearth agent exited with status {process.returncode}: {tail}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(socket_path))
-                return process
-            except OSError:
-                time.sleep(0.05)
+            raise AgentError(f"hearth agent exited with status {process.returncode}: {said.strip()[-2000:]}")
+        time.sleep(0.05)
     process.kill()
     raise AgentError(f"hearth agent did not serve {socket_path} within {timeout:g} s")

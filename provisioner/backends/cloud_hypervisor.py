@@ -141,6 +141,11 @@ class AgentVm:
             self.tracker.transition(NodeState.stopping)
         with contextlib.suppress(AgentRefused, AgentUnreachable, asyncio.TimeoutError):
             await asyncio.wait_for(self._reaching(lambda: self.agent.delete_vm(self.node_id, grace)), grace + 60)
+        self._end()
+
+    def _end(self) -> None:
+        if self.history.state not in ENDING:
+            self.tracker.transition(NodeState.stopping)
         if self.history.state != NodeState.stopped:
             self.tracker.transition(NodeState.stopped)
         self.exited.set()
@@ -164,10 +169,7 @@ class AgentVm:
                 return
             self._mirror(vm)
             if vm["state"] == "stopped":
-                if self.history.state not in ENDING:
-                    self.tracker.transition(NodeState.stopping)
-                self.tracker.transition(NodeState.stopped)
-                self.exited.set()
+                self._end()
                 return
 
     def _mirror(self, vm: dict[str, Any]) -> None:

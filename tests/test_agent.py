@@ -1,0 +1,332 @@
+"""Host agents driving a fleet: two agents on this machine, each with its own 8-GPU host tree, socket, state
+directory, bridge and subnet, on the cloud-hypervisor STAND-IN (no real VMM runs here). One is reached
+through its socket, the other through a real OpenSSH server on loopback (Debian's sshd, started here with
+generated keys), the way a remote GPU host is."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hosts import HGX_GPUS, hgx_h100
+from hosttree import FakeKernel
+from provisioner.cluster import ClusterRun
+from provisioner.engine import BootError
+from provisioner.net import tap_exists
+from provisioner.spec import HostNetwork, Inventory, cluster_spec
+from test_engine import processes_mentioning
+from vfio.bind import apply, plan_bind
+from vfio.hostroot import HostRoot
+
+SSHD = "/usr/sbin/sshd"
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="agents make taps and bridges: run the tests as root")
+STANDIN_GUEST = {"boot_s": 0.3, "guest": "builtin", "join_s": 0.1}
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1, with its own host key, and a client key it accepts."""
+    assert os.path.exists(SSHD), "Debian's openssh-server is needed (scripts/test installs it)"
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (d / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+AllowTcpForwarding local
+AllowStreamLocalForwarding local
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # its privilege separation directory
+    log = open(d / "sshd.log", "wb")
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert server.poll() is None and time.monotonic() < deadline, (d / "sshd.log").read_text()
+        time.sleep(0.05)
+    host_key = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    yield {"address": f"ssh://{getpass.getuser()}@127.0.0.1:{port}", "identity": d / "client_key",
+           "known_hosts": d / "known_hosts", "log": d / "sshd.log"}
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def fleet(tmp_path, agents, sshd):
+    """Two GPU hosts: `a` (local socket) and `b` (through SSH), 8 H100s each on vfio-pci, a bridge each."""
+    tag = f"{os.getpid() % 10000:04d}"
+    hosts, bridges = [], []
+    for index, name in enumerate(("a", "b"), start=1):
+        root = tmp_path / f"host-{name}"
+        tree = hgx_h100(root)
+        with FakeKernel(tree):
+            apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS, nvml=None))
+        (root / "proc/sys/net/ipv4").mkdir(parents=True)
+        (root / "proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        bridge, subnet = f"hbr{tag}{name}", f"10.251.{index}.0/24"
+        _ip("link", "add", bridge, "type", "bridge")
+        bridges.append(bridge)
+        _ip("addr", "add", f"10.251.{index}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        host = agents.start(name, root=root, bridge=bridge, subnet=subnet)
+        network = HostNetwork(bridge=bridge, subnet=subnet)
+        if name == "b":
+            host = host.model_copy(update={"address": sshd["address"], "ssh_identity": sshd["identity"],
+                                           "ssh_known_hosts": sshd["known_hosts"]})
+        hosts.append(host.model_copy(update={"network": network, "nvlink_cliques": [HGX_GPUS]}))
+    image = tmp_path / "image"
+    image.mkdir()
+    for part in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (image / part).write_bytes(b"\0" * 4096)
+    yield Inventory(hosts=hosts), image
+    for bridge in bridges:
+        _ip("link", "delete", bridge)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _run(spec_fields, inventory, image, run_dir, **options) -> ClusterRun:
+    spec = cluster_spec(backend="cloud-hypervisor", image=image, **spec_fields)
+    return ClusterRun(spec, run_dir / spec.name, inventory=inventory, with_ray=False,
+                      standin=options.pop("standin", lambda node: STANDIN_GUEST), **options)
+
+
+def never_leased_twice(state_dir: Path) -> dict[str, str]:
+    """Replay an agent's audit log: no device is leased while leased; returns what is still held."""
+    held: dict[str, str] = {}
+    for line in (state_dir / "leases.log").read_text().splitlines():
+        entry = json.loads(line)
+        for device in entry.get("devices", []) if entry["op"] in ("lease", "release") else []:
+            if entry["op"] == "lease":
+                assert device not in held, f"{device} leased to {entry['subject']} while {held[device]} held it"
+                held[device] = entry["subject"]
+            else:
+                assert held.pop(device) == entry["subject"]
+    return held
+
+
+def assert_nothing_left(agents, *names: str) -> None:
+    for name in names:
+        vms = agents.vms(name)
+        assert processes_mentioning(f"{vms}/") == [], f"VMMs left on {name}"
+        assert not any(vms.rglob("*")), f"files left under {vms}: {list(vms.rglob('*'))}"
+        assert list((agents.state(name) / "vms").iterdir()) == [], f"leases left on {name}"
+        assert never_leased_twice(agents.state(name)) == {}
+    links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    assert not [link["ifname"] for link in json.loads(links) if link["ifname"].startswith("hth")], "taps left"
+
+
+def agent_http(socket_path: Path) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent", timeout=30)
+
+
+def test_16_nodes_across_a_local_and_an_ssh_host(fleet, agents, run_dir):
+    inventory, image = fleet
+    run = _run({"nodes": 16, "gpus_per_node": 1, "gpu_type": "H100", "name": "fleet", "boot_timeout": 60},
+               inventory, image, run_dir)
+
+    async def scenario():
+        await run.up()
+        summary = run.summary()
+        forwarded = list((run_dir / "fleet" / "agents").glob("*.sock"))
+        vms = {name: agent_http(agents.vms(name).parent / f"{name}.sock").get("/v1/vms").json() for name in "ab"}
+        await run.down()
+        return summary, forwarded, vms
+
+    summary, forwarded, vms = asyncio.run(scenario())
+    assert [n["state"] for n in summary["nodes"]] == ["ready"] * 16
+    assert sorted(n["host"] for n in summary["nodes"]) == ["a"] * 8 + ["b"] * 8
+    assert [p.name for p in forwarded] == ["b.sock"]  # b is reached through the SSH forward
+    for index, name in enumerate("ab", start=1):
+        assert len(vms[name]) == 8
+        addresses = {vm["address"] for vm in vms[name]}
+        assert len(addresses) == 8 and all(a.startswith(f"10.251.{index}.") for a in addresses)
+        assert all(vm["state"] == "ray_joined" and vm["tap"].startswith("hth") for vm in vms[name])
+        assert sorted(g for vm in vms[name] for g in vm["gpus"]) == sorted(HGX_GPUS)
+    assert "Accepted publickey" in Path(inventory.hosts[1].ssh_known_hosts).with_name("sshd.log").read_text()
+    assert all(n["state"] == "stopped" for n in run.summary()["nodes"])
+    assert_nothing_left(agents, "a", "b")
+    assert not (run_dir / "fleet" / "agents" / "b.sock").exists()
+
+
+def test_taps_sit_on_the_bridge_and_guests_get_addresses(fleet, agents, run_dir):
+    inventory, image = fleet
+    local = Inventory(hosts=[inventory.hosts[0]])
+    run = _run({"nodes": 2, "gpus_per_node": 1, "name": "net"}, local, image, run_dir)
+
+    async def scenario():
+        await run.up()
+        vms = agent_http(agents.vms("a").parent / "a.sock").get("/v1/vms").json()
+        masters = {vm["tap"]: os.path.basename(os.readlink(f"/sys/class/net/{vm['tap']}/master")) for vm in vms}
+        await run.down()
+        return vms, masters
+
+    vms, masters = asyncio.run(scenario())
+    assert set(masters.values()) == {inventory.hosts[0].network.bridge}
+    assert sorted(vm["address"] for vm in vms) == ["10.251.1.2/24", "10.251.1.3/24"]
+    assert not any(tap_exists(tap) for tap in masters)
+
+
+def test_hosts_check_reports_every_host_in_one_table(fleet, agents, run_dir, tmp_path):
+    inventory, _ = fleet
+    hosts_file = tmp_path / "hosts.yaml"
+    hosts_file.write_text(json.dumps(json.loads(inventory.model_dump_json())))
+    env = {**os.environ, "COLUMNS": "250"}
+    hearth = str(Path(sys.executable).with_name("hearth"))
+    check = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file)], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for text in ("0.1.0", "8/8", "v53.0 (stand-in)", inventory.hosts[0].network.bridge, "forwarding"):
+        assert text in check.stdout
+    (tmp_path / "host-b/proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    hosts_file.write_text(hosts_file.read_text().replace("10.251.2.0/24", "10.252.2.0/24"))
+    bad = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--json"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 1
+    rows = {r["host"]: r["problems"] for r in json.loads(bad.stdout)}
+    assert "IPv4 forwarding is off (net.ipv4.ip_forward=1)" in rows["b"]
+    assert "the agent serves subnet 10.251.2.0/24, the hosts file says 10.252.2.0/24" in rows["b"]
+    assert any(p.startswith("no route to b's guests (10.252.2.0/24") for p in rows["a"])
+
+
+def test_an_agent_killed_mid_boot_is_restarted_and_the_cluster_comes_up(fleet, agents, run_dir):
+    inventory, image = fleet
+    host_a = inventory.hosts[0]
+    local = Inventory(hosts=[host_a])
+    slow = {"boot_s": 3.0, "guest": "builtin"}
+    run = _run({"nodes": 2, "gpus_per_node": 2, "name": "restart", "boot_timeout": 90}, local, image, run_dir,
+               standin=lambda node: slow if node.endswith(("-2", "-3")) else STANDIN_GUEST)
+
+    async def scenario():
+        await run.up()  # two nodes boot fully: the restarted agent must adopt them
+        first = {r.node_id: r.ray_node_id for r in run.engine.nodes.values()}
+        growing = asyncio.create_task(run.scale(4))
+        await asyncio.sleep(1.5)  # the new two are in vm.boot
+        agents.stop("a", signal.SIGKILL)
+        await asyncio.sleep(1.0)
+        agents.restart("a")
+        await growing
+        summary = run.summary()
+        vms = agent_http(host_a.agent_socket).get("/v1/vms").json()
+        await run.down()
+        return first, summary, vms
+
+    first, summary, vms = asyncio.run(scenario())
+    states = {n["id"]: n["state"] for n in summary["nodes"]}
+    assert states == {f"restart-{i}": "ready" for i in range(4)}
+    assert {v["id"] for v in vms} == set(states)
+    adopted = [v for v in vms if v["events"][0]["detail"] == "adopted by a restarted agent"]
+    assert sorted(v["id"] for v in adopted) == sorted(first)
+    log = [json.loads(line) for line in (agents.state("a") / "leases.log").read_text().splitlines()]
+    for node in ("restart-2", "restart-3"):  # caught mid-boot: removed by the new agent, then booted again
+        ops = [(e["op"], e.get("why", "")) for e in log if e["subject"] == node]
+        assert ops[0][0] == "lease" and ops[1][0] == "release" and ops[1][1].startswith("agent restart: ")
+        assert ops[2] == ("lease", "")
+    assert_nothing_left(agents, "a")
+
+
+def test_two_clusters_contend_for_the_same_gpus(fleet, agents, run_dir):
+    inventory, image = fleet
+    runs = [_run({"nodes": 10, "gpus_per_node": 1, "name": name, "min_nodes": 1, "boot_timeout": 60},
+                 inventory, image, run_dir) for name in ("left", "right")]
+
+    async def scenario():
+        await asyncio.gather(*(r.up() for r in runs))
+        summaries = [r.summary() for r in runs]
+        await asyncio.gather(*(r.down() for r in runs))
+        return summaries
+
+    summaries = asyncio.run(scenario())
+    ready = [sum(n["state"] == "ready" for n in s["nodes"]) for s in summaries]
+    assert all(count >= 1 for count in ready) and sum(ready) <= 16
+    errors = [e for s in summaries for n in s["nodes"] for e in n["errors"]]
+    assert sum(ready) == 16 or any("is leased to VM" in e or "free" in e for e in errors)
+    assert_nothing_left(agents, "a", "b")
+
+
+def test_a_controller_that_stops_renewing_loses_its_vms(fleet, agents, run_dir):
+    inventory, image = fleet
+    run = _run({"nodes": 4, "gpus_per_node": 2, "name": "orphan"}, inventory, image, run_dir, lease_s=2.0)
+
+    async def scenario():
+        await run.up()
+        run.backend.stop_renewing()  # as when the notebook's kernel dies or the network splits
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(r.process.exited.wait() for r in run.engine.nodes.values())), 30)
+        reaped_after = time.monotonic() - started
+        summary = run.summary()
+        await run.down()
+        return reaped_after, summary
+
+    reaped_after, summary = asyncio.run(scenario())
+    assert reaped_after < 2.0 + 1.0 + 5.0  # the lease, the reaper's interval, the stop
+    assert all(n["state"] == "stopped" for n in summary["nodes"])
+    for name in "ab":
+        assert "its controller's lease expired" in (agents.state(name) / "leases.log").read_text()
+    assert_nothing_left(agents, "a", "b")
+
+
+def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_dir):
+    root = tmp_path / "host"
+    tree = hgx_h100(root)
+    with FakeKernel(tree):
+        apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS[:6], nvml=None))
+    host = agents.start("solo", root=root)
+    mode = os.stat(host.agent_socket).st_mode
+    assert stat.S_IMODE(mode) == 0o660 and stat.S_ISSOCK(mode)
+    image = tmp_path / "image"
+    image.mkdir()
+    for part in ("vmlinuz", "rootfs.img"):
+        (image / part).write_bytes(b"\0" * 4096)
+    http = agent_http(host.agent_socket)
+    gpus = http.get("/v1/gpus").json()
+    assert [g["address"] for g in gpus] == sorted(HGX_GPUS[:6]) and [g["numa"] for g in gpus] == [0, 0, 0, 0, 1, 1]
+    base = {"controller": "c1", "image": str(image), "standin": STANDIN_GUEST}
+    cases = [
+        ({**base, "gpus": [{"address": HGX_GPUS[7]}]}, 400, "is on nvidia, not vfio-pci (hearth vfio bind 0000:db:00.0"),
+        ({**base, "gpus": [{"address": "0000:77:00.0"}]}, 400, "0000:77:00.0 is not a GPU on this host"),
+        ({**base, "image": str(tmp_path)}, 400, "kernel: " + str(tmp_path / "vmlinuz") + " is not a file"),
+        ({**base, "cpus": 0}, 400, "a VM has 1 to 254 vCPUs"),
+        ({**base, "speed": "fast"}, 400, "speed: Extra inputs are not permitted"),
+    ]
+    for body, status, words in cases:
+        response = http.put("/v1/vms/n-0", json=body)
+        assert response.status_code == status and words in response.json()["error"], response.text
+    assert not agents.vms("solo").exists() or not any(agents.vms("solo").iterdir())
+    assert not (agents.state("solo") / "leases.log").exists()
+    ok = http.put("/v1/vms/n-0", json={**base, "gpus": [{"address": HGX_GPUS[0]}]})
+    assert ok.status_code == 201
+    assert http.put("/v1/vms/n-0", json={**base, "gpus": [{"address": HGX_GPUS[0]}]}).status_code == 201  # idempotent
+    taken = http.put("/v1/vms/n-1", json={**base, "controller": "c2", "gpus": [{"address": HGX_GPUS[0]}]})
+    assert taken.status_code == 409 and "GPU 0000:18:00.0 is leased to VM n-0" in taken.json()["error"]
+    assert [g["leased_to"] for g in http.get("/v1/gpus").json()][:2] == ["n-0", None]
+    with pytest.raises(Exception, match="another hearth agent"):
+        agents.start("solo", root=root)
+    assert http.delete("/v1/leases/c1").status_code == 200
+    assert http.get("/v1/vms/n-0").json()["state"] == "stopped"
+    assert_nothing_left(agents, "solo")
