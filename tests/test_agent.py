@@ -271,7 +271,7 @@ def test_two_clusters_contend_for_the_same_gpus(fleet, agents, run_dir):
 
 def test_a_controller_that_stops_renewing_loses_its_vms(fleet, agents, run_dir):
     inventory, image = fleet
-    run = _run({"nodes": 4, "gpus_per_node": 2, "name": "orphan"}, inventory, image, run_dir, lease_s=2.0)
+    run = _run({"nodes": 8, "gpus_per_node": 2, "name": "orphan"}, inventory, image, run_dir, lease_s=2.0)
 
     async def scenario():
         await run.up()

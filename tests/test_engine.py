@@ -128,7 +128,7 @@ def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir, agents):
         return ready, summary
 
     ready, summary = asyncio.run(scenario())
-    assert len(ready) == 62
+    assert len(ready) == 62, [(n["id"], n["errors"]) for n in summary["nodes"] if n["state"] != "ready"]
     nodes = {n["id"]: n for n in summary["nodes"]}
     for node_id in ("big-3", "big-17", "big-40", "big-22"):
         assert nodes[node_id]["state"] == "ready" and nodes[node_id]["attempts"] == 2

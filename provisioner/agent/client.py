@@ -52,8 +52,9 @@ class AgentClient:
     async def create_vm(self, vm_id: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return await self._call("PUT", f"/v1/vms/{vm_id}", json=body, timeout=timeout)
 
-    async def vm(self, vm_id: str, after: int = 0, wait: float = 0) -> dict[str, Any]:
-        return await self._call("GET", f"/v1/vms/{vm_id}", params={"after": after, "wait": wait}, timeout=wait + 30)
+    async def vm(self, vm_id: str, after: int = 0, wait: float = 0, uid: str | None = None) -> dict[str, Any]:
+        params = {"after": after, "wait": wait, **({"uid": uid} if uid else {})}
+        return await self._call("GET", f"/v1/vms/{vm_id}", params=params, timeout=wait + 30)
 
     async def vms(self) -> list[dict[str, Any]]:
         return await self._call("GET", "/v1/vms")

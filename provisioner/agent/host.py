@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from provisioner.agent.ledger import AgentError, Ledger, VmLease
+from provisioner.agent.ledger import AgentError, Ledger, LeaseConflict, VmLease
 from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vmm import ChVm, vmm_pid_matches
 from provisioner.errors import HearthError
@@ -75,6 +75,7 @@ class GpuRequest(BaseModel):
 class CreateVm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     controller: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    uid: str = ""  # the controller's name for this attempt: a retried node reuses the VM id, never the uid
     lease_s: float = Field(default=30.0, ge=1, le=3600)
     gpus: list[GpuRequest] = []
     cpus: int = 1
@@ -155,8 +156,8 @@ class HostAgent:
         retrying after a dropped connection) gets the same VM."""
         if vm_id in self.ledger.vms:
             lease = self.ledger.vms[vm_id]
-            if lease.controller != request.controller:
-                raise AgentError(f"VM id {vm_id} belongs to controller {lease.controller}")
+            if (lease.controller, lease.request.get("uid", "")) != (request.controller, request.uid):
+                raise LeaseConflict(f"VM id {vm_id} is taken (controller {lease.controller}); stop that VM first")
             vm = self.vms.get(vm_id)
             if vm is not None:
                 await vm.tracker.wait_for(NodeState.booting, 600)
@@ -196,11 +197,14 @@ class HostAgent:
     def list_vms(self) -> list[dict[str, Any]]:
         return [self.vm(v) for v in self.vms]
 
-    async def watch(self, vm_id: str, after: int, wait: float) -> dict[str, Any]:
-        """The VM once it has more than `after` events (or has ended), or as it is after `wait` seconds."""
+    async def watch(self, vm_id: str, after: int, wait: float, uid: str | None = None) -> dict[str, Any]:
+        """The VM once it has more than `after` events (or has ended), or as it is after `wait` seconds.
+        With `uid`, only that incarnation of the VM id: an earlier one is `NotFound`."""
         deadline = time.monotonic() + wait
         while True:
             summary = self.vm(vm_id)
+            if uid is not None and summary["uid"] != uid:
+                raise NotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
             if len(summary["events"]) > after or summary["state"] == "stopped" or time.monotonic() >= deadline:
                 return summary
             changed = self._changed
@@ -273,7 +277,7 @@ class HostAgent:
     def _forget(self, vm_id: str, why: str) -> None:
         vm = self.vms.pop(vm_id, None)
         if vm is not None:
-            self.ended[vm_id] = _summary(vm, None)
+            self.ended[vm_id] = _summary(vm, self.ledger.vms.get(vm_id))
         self.ledger.release(vm_id, why)
         cutoff = time.time() - KEEP_ENDED_S
         for old in [k for k, v in self.ended.items() if (v["events"] or [{"at": 0}])[-1]["at"] < cutoff]:
@@ -327,7 +331,8 @@ class HostAgent:
 
 def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
     history = vm.history
-    return {"id": vm.spec.node_id, "state": history.state.value if history.state else "new",
+    return {"id": vm.spec.node_id, "uid": lease.request.get("uid", "") if lease else "",
+            "state": history.state.value if history.state else "new",
             "controller": lease.controller if lease else None, "gpus": lease.gpus if lease else [],
             "address": lease.address if lease else None, "tap": lease.tap if lease else None,
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),

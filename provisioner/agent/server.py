@@ -57,7 +57,7 @@ def app(agent: HostAgent) -> web.Application:
     @routes.get("/v1/vms/{id}")
     async def get(request: web.Request) -> web.Response:
         after, wait = _number(request, "after", 0), _number(request, "wait", 0)
-        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60)))
+        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid")))
 
     @routes.delete("/v1/vms/{id}")
     async def delete(request: web.Request) -> web.Response:

@@ -90,7 +90,7 @@ class CloudHypervisorBackend:
     def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
              on_event: OnEvent | None) -> AgentVm:
         body = {
-            "controller": self.controller, "lease_s": self.lease_s, "cpus": self.spec.cpus,
+            "controller": self.controller, "uid": secrets.token_hex(8), "lease_s": self.lease_s, "cpus": self.spec.cpus,
             "memory_mib": self.spec.memory_gib * 1024, "image": str(self.spec.image),
             "gpus": [{"address": g.address, "clique": g.clique} for g in placement.gpus],
             "guest": {"ray": {"address": join.address, "token": join.token, "labels": join.labels,
@@ -153,7 +153,7 @@ class AgentVm:
     async def _watch(self) -> None:
         while True:
             try:
-                vm = await self._reaching(lambda: self.agent.vm(self.node_id, after=self._seen, wait=20))
+                vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 20, self.body["uid"]))
             except AgentRefused as error:
                 if error.status != 404:
                     raise
