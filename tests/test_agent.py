@@ -9,6 +9,7 @@ import asyncio
 import getpass
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -330,3 +331,13 @@ def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_
     assert http.delete("/v1/leases/c1").status_code == 200
     assert http.get("/v1/vms/n-0").json()["state"] == "stopped"
     assert_nothing_left(agents, "solo")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_agent_unit_is_valid_and_keeps_vms_across_restarts(tmp_path):
+    unit = (Path(__file__).parents[1] / "provisioner/agent/hearth-agent.service").read_text()
+    assert "KillMode=process\n" in unit and "RuntimeDirectoryPreserve=yes\n" in unit
+    copy = tmp_path / "hearth-agent.service"
+    copy.write_text(unit.replace("/usr/local/bin/hearth", str(Path(sys.executable).with_name("hearth"))))
+    verify = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
