@@ -150,6 +150,13 @@ class Host(BaseModel):
             raise ValueError("address is 'local' or ssh://user@host[:port]")
         return value
 
+    @field_validator("nvlink_cliques", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        if isinstance(value, list) and any(not isinstance(a, str) for c in value if isinstance(c, list) for a in c):
+            raise ValueError('quote PCI addresses in YAML: unquoted, "0000:18:00.0" reads as a number')
+        return value
+
     @field_validator("nvlink_cliques")
     @classmethod
     def _cliques(cls, value: list[list[str]]) -> list[list[str]]:

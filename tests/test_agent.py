@@ -168,6 +168,7 @@ def test_16_nodes_across_a_local_and_an_ssh_host(fleet, agents, run_dir):
         addresses = {vm["address"] for vm in vms[name]}
         assert len(addresses) == 8 and all(a.startswith(f"10.251.{index}.") for a in addresses)
         assert all(vm["state"] == "ray_joined" and vm["tap"].startswith("hth") for vm in vms[name])
+        assert all(vm["heard_s_ago"] is not None and vm["heard_s_ago"] < 5 for vm in vms[name])  # heartbeats
         assert sorted(g for vm in vms[name] for g in vm["gpus"]) == sorted(HGX_GPUS)
     assert "Accepted publickey" in Path(inventory.hosts[1].ssh_known_hosts).with_name("sshd.log").read_text()
     assert all(n["state"] == "stopped" for n in run.summary()["nodes"])

@@ -336,6 +336,7 @@ def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
             "controller": lease.controller if lease else None, "gpus": lease.gpus if lease else [],
             "address": lease.address if lease else None, "tap": lease.tap if lease else None,
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
+            "heard_s_ago": round(time.monotonic() - vm.channel.last_heard, 1) if vm.channel and vm.channel.last_heard else None,
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
 
 

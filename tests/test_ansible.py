@@ -1,0 +1,153 @@
+"""The Ansible roles: ansible-lint's production profile, a syntax check, and real runs on this machine.
+
+The real run takes a throwaway host root (an HGX-shaped sysfs tree, the kernel's side played by FakeKernel)
+and a network namespace of its own (the bridge, forwarding and routes are made there), connection local,
+twice: the second run must change nothing. What cannot run here (GRUB, reboots, users, sshd, systemd: the
+machine has no systemd and must not be changed) runs in check mode against this machine's real root, which
+shows what would change, including the reboot, and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hosts import HGX_GPUS, hgx_h100, iommu_off
+from hosttree import FakeKernel
+
+ANSIBLE = Path(__file__).parents[1] / "ansible"
+VENV = Path(sys.executable).parent.parent
+ENV = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "ANSIBLE_NOCOLOR": "1",
+       "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_LOCAL_TEMP": "/tmp/hearth-ansible-tmp", "COLUMNS": "200"}
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real run makes a network namespace: run as root")
+
+
+def playbook(*args: str, netns: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    argv = ["ansible-playbook", *args]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    return subprocess.run(argv, cwd=ANSIBLE, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def recap(output: str) -> dict[str, int]:
+    found = re.search(r"^\S+\s*: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", output, re.M)
+    assert found, output[-3000:]
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, found.groups())))
+
+
+def inventory(tmp_path: Path, root: Path, **extra) -> Path:
+    """One host, this machine, already root (no sudo here), with every role's paths under `root`."""
+    fake_vmm = tmp_path / "cloud-hypervisor-static"
+    fake_vmm.write_text("#!/bin/sh\necho 'cloud-hypervisor v51.0'\n")  # a stand-in file: only its bytes matter
+    fake_vmm.chmod(0o755)
+    host = {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False,
+        "hearth_host_root": str(root), "hearth_install_venv": str(VENV), "hearth_install_package": "hearth",
+        "hearth_cloud_hypervisor_src": str(fake_vmm),
+        "hearth_cloud_hypervisor_sha256": hashlib.sha256(fake_vmm.read_bytes()).hexdigest(),
+        "hearth_kernel_hugepages_1g": 16, "hearth_network_subnet": "10.253.1.0/24",
+        "hearth_network_underlay": "198.51.100.11",
+        "hearth_network_extra_routes": [{"subnet": "10.253.2.0/24", "via": "198.51.100.12"}], **extra,
+    }
+    path = tmp_path / "inventory.json"
+    path.write_text(json.dumps({"hearth_hosts": {"hosts": {"ci": host}}}))
+    return path
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with an underlay interface, so routes via other hosts resolve."""
+    name = f"hth-ansible-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    for step in (["link", "set", "lo", "up"], ["link", "add", "under0", "type", "dummy"],
+                 ["addr", "add", "198.51.100.11/24", "dev", "under0"], ["link", "set", "under0", "up"]):
+        subprocess.run(["ip", "-n", name, *step], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_lint_with_the_production_profile():
+    lint = subprocess.run(["ansible-lint", "--profile", "production", "--offline", "."], cwd=ANSIBLE, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Profile 'production' was required, and it passed" in lint.stdout + lint.stderr
+
+
+def test_syntax_check():
+    check = playbook("--syntax-check", "-i", "inventory/hosts.yml", "site.yml")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_real_run_prepares_the_host_and_a_second_changes_nothing(tmp_path, netns):
+    root = tmp_path / "root"
+    tree = hgx_h100(root)
+    hosts = inventory(tmp_path, root)
+    with FakeKernel(tree):  # serves the sysfs bind/unbind files that `hearth vfio bind` writes
+        first = playbook("-i", str(hosts), "site.yml", netns=netns)
+        assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
+        second = playbook("-i", str(hosts), "site.yml", netns=netns)
+        assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-2000:]
+    assert recap(first.stdout)["changed"] >= 10
+    assert recap(second.stdout) | {"ok": 0} == {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}, second.stdout
+
+    grub = (root / "etc/default/grub.d/hearth.cfg").read_text()
+    assert "intel_iommu=on iommu=pt default_hugepagesz=1G hugepagesz=1G hugepages=16" in grub
+    assert "The running kernel lacks default_hugepagesz=1G hugepagesz=1G hugepages=16" in second.stdout
+    assert sorted(line.split()[0] for line in (root / "etc/hearth/vfio-pci.conf").read_text().splitlines()
+                  if line and not line.startswith("#")) == sorted(HGX_GPUS)
+    assert all(os.readlink(root / f"sys/bus/pci/devices/{gpu}/driver").endswith("vfio-pci") for gpu in HGX_GPUS)
+    assert "softdep nvidia pre: vfio-pci" in (root / "etc/modprobe.d/hearth-vfio.conf").read_text()
+    assert (root / "etc/systemd/system/hearth-vfio-bind.service").is_file()
+    assert os.readlink(root / "usr/local/bin/cloud-hypervisor").endswith("cloud-hypervisor-v51.0")
+    env = (root / "etc/hearth/agent.env").read_text()
+    assert "--bridge hearth0 --subnet 10.253.1.0/24" in env
+    assert "KillMode=process" in (root / "etc/systemd/system/hearth-agent.service").read_text()
+    assert "AllowStreamLocalForwarding local" in (root / "etc/ssh/sshd_config.d/hearth.conf").read_text()
+
+    def in_ns(*args: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", netns, *args], capture_output=True, text=True).stdout
+
+    bridge = json.loads(in_ns("ip", "-j", "addr", "show", "dev", "hearth0"))[0]
+    assert "UP" in bridge["flags"] and any(a["local"] == "10.253.1.1" and a["prefixlen"] == 24 for a in bridge["addr_info"])
+    assert "10.253.2.0/24 via 198.51.100.12" in in_ns("ip", "-4", "route", "show")
+    assert in_ns("cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"
+
+
+def test_a_host_that_is_not_ready_fails_with_hearth_vfio_checks_words(tmp_path, netns):
+    root = tmp_path / "root"
+    iommu_off(root)
+    result = playbook("-i", str(inventory(tmp_path, root)), "site.yml", netns=netns)
+    assert result.returncode != 0
+    assert "Fail with hearth vfio check's words" in result.stdout
+    assert "IOMMU" in result.stdout and "intel_iommu=on" in result.stdout
+
+
+def test_a_wrong_checksum_is_refused_and_nothing_stays(tmp_path, netns):
+    root = tmp_path / "root"
+    hgx_h100(root, gpu_driver="vfio-pci")
+    result = playbook("-i", str(inventory(tmp_path, root, hearth_cloud_hypervisor_sha256="0" * 64)), "site.yml",
+                      netns=netns)
+    assert result.returncode != 0 and "not the pinned 000000" in result.stdout
+    assert not (root / "usr/local/lib/hearth/cloud-hypervisor-v51.0").exists()
+    unset = playbook("-i", str(inventory(tmp_path, root, hearth_cloud_hypervisor_sha256="")), "site.yml", netns=netns)
+    assert unset.returncode != 0 and "set hearth_cloud_hypervisor_sha256" in unset.stdout
+
+
+def test_check_mode_on_this_machine_shows_the_reboot_and_changes_nothing(tmp_path):
+    """GRUB, the reboot, users, sshd and systemd only run on a real root; this one must not change."""
+    hosts = inventory(tmp_path, Path("/"), hearth_agent_manage_system=True)
+    before = {p: p.exists() for p in (Path("/etc/default/grub.d/hearth.cfg"), Path("/etc/hearth/agent.env"),
+                                      Path("/etc/modprobe.d/hearth-vfio.conf"))}
+    result = playbook("--check", "--diff", "-i", str(hosts), "site.yml")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert "RUNNING HANDLER [hearth_kernel : Reboot into the new kernel command line]" in result.stdout
+    assert "TASK [hearth_agent : Create the user controllers log in as]" in result.stdout
+    assert recap(result.stdout)["changed"] > 0
+    assert {p: p.exists() for p in before} == before
+    assert subprocess.run(["getent", "passwd", "hearth"], capture_output=True).returncode != 0
