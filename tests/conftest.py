@@ -3,9 +3,14 @@ request the client sent during the suite."""
 
 from __future__ import annotations
 
+import getpass
+import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ ChClient.observers.append(lambda method, endpoint, body: SENT.append((method, en
 VENV_BIN = Path(sys.executable).parent
 STANDIN = str(VENV_BIN / "cloud-hypervisor-standin")
 GUEST = [sys.executable, str(Path(__file__).parent / "guests/channel_guest.py")]
+SSHD = "/usr/sbin/sshd"
 
 
 def pytest_collection_modifyitems(items):
@@ -82,3 +88,43 @@ def agents(run_dir, tmp_path):
     yield started
     for name in list(started.processes):
         started.stop(name)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1, with its own host key, and a client key it accepts."""
+    assert os.path.exists(SSHD), "Debian's openssh-server is needed (scripts/test installs it)"
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (d / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+AllowTcpForwarding local
+AllowStreamLocalForwarding local
+Subsystem sftp internal-sftp
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # its privilege separation directory
+    log = open(d / "sshd.log", "wb")
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert server.poll() is None and time.monotonic() < deadline, (d / "sshd.log").read_text()
+        time.sleep(0.05)
+    host_key = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    yield {"address": f"ssh://{getpass.getuser()}@127.0.0.1:{port}", "port": port, "user": getpass.getuser(),
+           "identity": d / "client_key", "known_hosts": d / "known_hosts", "log": d / "sshd.log"}
+    server.terminate()
+    server.wait(10)

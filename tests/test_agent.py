@@ -6,12 +6,10 @@ generated keys), the way a remote GPU host is."""
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -24,55 +22,14 @@ import pytest
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
 from provisioner.cluster import ClusterRun
-from provisioner.engine import BootError
 from provisioner.net import tap_exists
 from provisioner.spec import HostNetwork, Inventory, cluster_spec
 from test_engine import processes_mentioning
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
 
-SSHD = "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="agents make taps and bridges: run the tests as root")
 STANDIN_GUEST = {"boot_s": 0.3, "guest": "builtin", "join_s": 0.1}
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """A real OpenSSH server on 127.0.0.1, with its own host key, and a client key it accepts."""
-    assert os.path.exists(SSHD), "Debian's openssh-server is needed (scripts/test installs it)"
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    (d / "sshd_config").write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {d}/host_key
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-StrictModes no
-UsePAM no
-AllowTcpForwarding local
-AllowStreamLocalForwarding local
-""")
-    os.makedirs("/run/sshd", exist_ok=True)  # its privilege separation directory
-    log = open(d / "sshd.log", "wb")
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
-    deadline = time.monotonic() + 10
-    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-        assert server.poll() is None and time.monotonic() < deadline, (d / "sshd.log").read_text()
-        time.sleep(0.05)
-    host_key = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    yield {"address": f"ssh://{getpass.getuser()}@127.0.0.1:{port}", "identity": d / "client_key",
-           "known_hosts": d / "known_hosts", "log": d / "sshd.log"}
-    server.terminate()
-    server.wait(10)
 
 
 @pytest.fixture

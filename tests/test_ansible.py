@@ -65,7 +65,7 @@ def netns():
     """A network namespace with an underlay interface, so routes via other hosts resolve."""
     name = f"hth-ansible-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    for step in (["link", "set", "lo", "up"], ["link", "add", "under0", "type", "dummy"],
+    for step in (["link", "set", "lo", "up"], ["link", "add", "under0", "type", "bridge"],
                  ["addr", "add", "198.51.100.11/24", "dev", "under0"], ["link", "set", "under0", "up"]):
         subprocess.run(["ip", "-n", name, *step], check=True)
     yield name
@@ -139,15 +139,21 @@ def test_a_wrong_checksum_is_refused_and_nothing_stays(tmp_path, netns):
     assert unset.returncode != 0 and "set hearth_cloud_hypervisor_sha256" in unset.stdout
 
 
-def test_check_mode_on_this_machine_shows_the_reboot_and_changes_nothing(tmp_path):
-    """GRUB, the reboot, users, sshd and systemd only run on a real root; this one must not change."""
-    hosts = inventory(tmp_path, Path("/"), hearth_agent_manage_system=True)
+def test_check_mode_over_ssh_on_this_machine_shows_the_reboot_and_changes_nothing(tmp_path, sshd):
+    """GRUB, the reboot, users, sshd and systemd only run on a real root: check mode, over SSH (the loopback
+    sshd) as Ansible reaches a real host, against this machine's real root, which must not change."""
+    hosts = inventory(tmp_path, Path("/"), hearth_agent_manage_system=True, ansible_connection="ssh",
+                      ansible_host="127.0.0.1", ansible_port=sshd["port"], ansible_user=sshd["user"],
+                      ansible_ssh_private_key_file=str(sshd["identity"]),
+                      ansible_ssh_common_args=f"-o UserKnownHostsFile={sshd['known_hosts']} -o StrictHostKeyChecking=yes")
     before = {p: p.exists() for p in (Path("/etc/default/grub.d/hearth.cfg"), Path("/etc/hearth/agent.env"),
-                                      Path("/etc/modprobe.d/hearth-vfio.conf"))}
+                                      Path("/etc/modprobe.d/hearth-vfio.conf"), Path("/usr/local/bin/cloud-hypervisor"))}
     result = playbook("--check", "--diff", "-i", str(hosts), "site.yml")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert "RUNNING HANDLER [hearth_kernel : Reboot into the new kernel command line]" in result.stdout
-    assert "TASK [hearth_agent : Create the user controllers log in as]" in result.stdout
-    assert recap(result.stdout)["changed"] > 0
+    handler = result.stdout.split("RUNNING HANDLER [hearth_kernel : Reboot into the new kernel command line]")[1]
+    assert handler.split("\n\n")[0].strip().endswith("changed: [ci]")  # check mode: would reboot, does not
+    assert re.search(r"TASK \[hearth_agent : Create the user controllers log in as\].*\n(--- .*\n)*changed: \[ci\]",
+                     result.stdout)
+    assert recap(result.stdout)["failed"] == 0
     assert {p: p.exists() for p in before} == before
     assert subprocess.run(["getent", "passwd", "hearth"], capture_output=True).returncode != 0

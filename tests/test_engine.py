@@ -23,7 +23,7 @@ from provisioner.errors import SpecError
 from provisioner.events import NodeState
 from provisioner.ch.api import ChClient
 from provisioner.placement import GpuSlot, PlacementError, place
-from provisioner.spec import Host, Inventory, cluster_spec, load_inventory
+from provisioner.spec import Inventory, cluster_spec, load_inventory
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
 
