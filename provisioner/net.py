@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 
@@ -55,3 +56,14 @@ def ipv4_routes() -> list[str]:
     if shown.returncode != 0:
         return []
     return [r["dst"] if "/" in r["dst"] or r["dst"] == "default" else f"{r['dst']}/32" for r in json.loads(shown.stdout)]
+
+
+def tap_name(guest: ipaddress.IPv4Address) -> str:
+    """A VM's tap, named from its guest's address: unique across the cluster's range, within IFNAMSIZ
+    (hth0afb0102 for 10.251.1.2)."""
+    return "hth" + guest.packed.hex()
+
+
+def guest_mac(guest: ipaddress.IPv4Address) -> str:
+    """Locally administered, from the guest's address (unique across the range)."""
+    return "52:54:" + ":".join(f"{b:02x}" for b in guest.packed)

@@ -34,7 +34,7 @@ from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vmm import ChVm, vmm_pid_matches
 from provisioner.errors import HearthError
 from provisioner.events import NodeEvent, NodeState
-from provisioner.net import bridge_facts, delete_tap, ipv4_routes, tap_exists
+from provisioner.net import bridge_facts, delete_tap, guest_mac, ipv4_routes, tap_exists, tap_name
 from vfio.hostroot import HostRoot
 from vfio.inventory import host_report
 from vfio.pci import VFIO_DRIVER, PciTopology
@@ -171,9 +171,9 @@ class HostAgent:
             address = self.ledger.next_address(self.config.subnet) if self.config.bridge else None
             lease = VmLease(id=vm_id, controller=request.controller, cid=cid,
                             gpus=[g.address for g in gpus], functions=[f for g in gpus for f in g.functions],
-                            tap=_tap_name(address.ip) if address else None,
+                            tap=tap_name(address.ip) if address else None,
                             address=str(address) if address else None,
-                            mac=_mac(address.ip) if address else None,
+                            mac=guest_mac(address.ip) if address else None,
                             created_at=time.time(), request=request.model_dump(mode="json"))
             vm = self._vm(lease, gpus)  # checks the spec: nothing is leased yet if it is bad
             self.ledger.reserve(lease)
@@ -338,16 +338,6 @@ def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
             "heard_s_ago": round(time.monotonic() - vm.channel.last_heard, 1) if vm.channel and vm.channel.last_heard else None,
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
-
-
-def _tap_name(ip: ipaddress.IPv4Address) -> str:
-    """From the guest's address, unique across the cluster's range (and within IFNAMSIZ): hth0afb0102."""
-    return "hth" + ip.packed.hex()
-
-
-def _mac(ip: ipaddress.IPv4Address) -> str:
-    """Locally administered, from the address (unique across the cluster's range)."""
-    return "52:54:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
 def _find_vmm(api_socket: Path) -> int | None:
