@@ -223,20 +223,18 @@ class HostAgent:
         return {"controller": controller, "expires_in": round(expires - time.time(), 3),
                 "vms": sorted(v.id for v in self.ledger.vms.values() if v.controller == controller)}
 
-    async def release(self, controller: str, why: str = "its controller released it") -> None:
-        """Stop every VM of `controller` and forget its lease."""
+    async def release(self, controller: str, why: str = "its controller released it", grace: float = 5.0) -> None:
+        """Stop every VM of `controller` (each with `grace` seconds to power off) and forget its lease."""
         mine = [self.vms[v.id] for v in list(self.ledger.vms.values()) if v.controller == controller and v.id in self.vms]
-        await asyncio.gather(*(vm.stop(0 if "expired" in why else 5.0, remove_logs=True) for vm in mine),
-                             return_exceptions=True)
+        await asyncio.gather(*(vm.stop(grace, remove_logs=True) for vm in mine), return_exceptions=True)
         self.ledger.drop(controller, why)
 
     # -- inside ----------------------------------------------------------------------------------
     def _check_gpus(self, wanted: list[GpuRequest]) -> list[GpuGroup]:
         topology = PciTopology(self.host)
-        devices = {d.address: d for d in topology.devices.values()}
         groups, problems = [], []
         for gpu in wanted:
-            device = devices.get(gpu.address)
+            device = topology.devices.get(gpu.address)
             if device is None or not device.is_gpu:
                 problems.append(f"{gpu.address} is not a GPU on this host")
             elif device.driver != VFIO_DRIVER:
@@ -287,7 +285,7 @@ class HostAgent:
         """Stop the VMs of every controller that stopped renewing (the notebook died, the network split)."""
         while True:
             for controller in self.ledger.expired():
-                await self.release(controller, "its controller's lease expired")
+                await self.release(controller, "its controller's lease expired", grace=0)  # nobody is waiting
             await asyncio.sleep(REAP_INTERVAL)
 
     async def _recover(self) -> None:

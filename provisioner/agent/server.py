@@ -27,8 +27,6 @@ from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.agent.ledger import AgentError
 from provisioner.errors import HearthError, SpecError, VmmError, validated
 
-DEFAULT_SOCKET = Path("/run/hearth/agent.sock")
-
 
 def app(agent: HostAgent) -> web.Application:
     routes = web.RouteTableDef()
