@@ -56,8 +56,9 @@ def agents(run_dir, tmp_path):
     the `Host` that reaches it; its VMs live under `agents.vms(name)`. Stopped (SIGTERM) after the test."""
 
     class Agents:
-        processes: dict = {}
-        started_with: dict = {}
+        def __init__(self) -> None:
+            self.processes: dict = {}
+            self.started_with: dict = {}
 
         def start(self, name: str = "a", root: Path | None = None, **options) -> Host:
             if root is None:

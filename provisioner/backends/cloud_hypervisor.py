@@ -155,8 +155,10 @@ class AgentVm:
             try:
                 vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 20, self.body["uid"]))
             except AgentRefused as error:
-                if error.status != 404:
-                    raise
+                if error.status != 404:  # the agent failed to answer: say so, rather than end silently
+                    if self.history.state not in TERMINAL:
+                        self.tracker.transition(NodeState.failed, str(error))
+                    return
                 if not self._created:  # the PUT has not reached the agent yet
                     await asyncio.sleep(0.1)
                     continue

@@ -143,10 +143,6 @@ class ChVm:
         if self.history.state != NodeState.stopped:
             self._transition(NodeState.stopped)
 
-    @property
-    def api_calls(self) -> int:
-        return self.client.calls if self.client else 0
-
     # -- start, step by step ---------------------------------------------------------------------
     def _check(self) -> str:
         binary = shutil.which(self.binary)
