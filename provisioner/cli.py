@@ -27,9 +27,11 @@ app = typer.Typer(help="hearth: a notebook cell becomes a GPU cluster of Cloud H
                   no_args_is_help=True, pretty_exceptions_enable=False)
 job_app = typer.Typer(help="Ray jobs on a hearth cluster.", no_args_is_help=True)
 hosts_app = typer.Typer(help="The GPU hosts in a hosts file, through their agents.", no_args_is_help=True)
+guest_app = typer.Typer(help="The guest image every node boots.", no_args_is_help=True)
 app.add_typer(vfio_app, name="vfio")
 app.add_typer(job_app, name="job")
 app.add_typer(hosts_app, name="hosts")
+app.add_typer(guest_app, name="guest")
 console = Console(highlight=False)
 NameOption = Annotated[str, typer.Option("--name", help="Which cluster (hearth up --name).")]
 DEFAULT_NAME = "hearth"
@@ -272,6 +274,22 @@ def hosts_check(
         console.print(table(rows))
     if any(r["problems"] for r in rows):
         raise typer.Exit(1)
+
+
+@guest_app.command("build")
+def guest_build(
+    out: Annotated[Path, typer.Option(help="Where the image goes (vmlinuz, initrd.img, rootfs.img, manifest.json).")]
+    = Path("/var/lib/hearth/image"),
+    nvidia_driver: Annotated[Optional[str], typer.Option(help="Add NVIDIA's driver at this version.")] = None,
+) -> None:
+    """Build the guest image from Debian packages and PyPI (root); a rebuild with the same inputs reuses it."""
+    from importlib.metadata import version
+
+    from guest.build import build
+
+    manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver,
+                                  say=lambda text: console.print(text)))
+    console.print_json(json.dumps(manifest))
 
 
 def _client(name: str):

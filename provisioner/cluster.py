@@ -14,6 +14,7 @@ from typing import Any
 from provisioner.backends import Backend
 from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
 from provisioner.backends.local import LocalBackend
+from provisioner.backends.qemu import QemuBackend
 from provisioner.engine import Engine, NodeRecord
 from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeState, OnEvent
@@ -42,6 +43,8 @@ class ClusterRun:
         self.backend: Backend
         if spec.backend == "local":
             self.backend = LocalBackend(work_dir / "n")
+        elif spec.backend == "qemu":
+            self.backend = QemuBackend(spec, hosts, work_dir / "vms")
         else:
             self.backend = CloudHypervisorBackend(spec, hosts, work_dir, standin=standin, lease_s=lease_s)
         self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts],

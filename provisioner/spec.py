@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from provisioner.errors import SpecError, validated
 from vfio.address import parse_address
 
-Backend = Literal["local", "cloud-hypervisor"]
+Backend = Literal["local", "cloud-hypervisor", "qemu"]
 _LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
 RESERVED_LABEL_PREFIXES = ("hearth.io/", "ray.io/")
@@ -106,9 +106,9 @@ class ClusterSpec(BaseModel):
     def _consistent(self) -> ClusterSpec:
         if self.min_nodes is not None and not 0 <= self.min_nodes <= self.nodes:
             raise ValueError(f"min_nodes must be between 0 and nodes ({self.nodes})")
-        if self.backend == "cloud-hypervisor":
+        if self.backend in ("cloud-hypervisor", "qemu"):
             if self.image is None:
-                raise ValueError("the cloud-hypervisor backend needs image= (a directory with vmlinuz, initrd.img, "
+                raise ValueError(f"the {self.backend} backend needs image= (a directory with vmlinuz, initrd.img, "
                                  "rootfs.img; `hearth guest build` makes one)")
         return self
 

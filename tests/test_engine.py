@@ -56,7 +56,7 @@ def test_spec_errors_name_field_and_fix(tmp_path):
     text = str(bad.value)
     for expected in ("nodes: ask for 0 to 1024 nodes", "gpus_per_node: a node has 0 to 16 GPUs",
                      "labels: label key 'hearth.io/node' uses a reserved prefix", "env: env RAY_AUTH_TOKEN",
-                     "backend: Input should be 'local' or 'cloud-hypervisor'", "speed: Extra inputs are not permitted"):
+                     "backend: Input should be 'local', 'cloud-hypervisor' or 'qemu'", "speed: Extra inputs are not permitted"):
         assert expected in text
     with pytest.raises(SpecError, match="min_nodes must be between 0 and nodes"):
         cluster_spec(nodes=2, min_nodes=3)

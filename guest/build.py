@@ -1,0 +1,221 @@
+"""`hearth guest build`: the image every node boots, from Debian packages and PyPI only.
+
+    vmlinuz       Debian's cloud kernel (linux-image-cloud-amd64): boots under Cloud Hypervisor and QEMU alike
+    initrd.img    busybox and the few modules the cloud kernel keeps out of its image (virtio PCI, block, net,
+                  console, vsock); its /init loads them, mounts the root disk and hands over to the guest agent
+    rootfs.img    ext4: Debian minbase, Python 3, a venv at /opt/hearth/venv with the controller's exact Ray
+                  (Ray alone: the dashboard and job server run on the head, beside the controller),
+                  and the guest agent at /opt/hearth/guest/agent.py
+    manifest.json the inputs, and each file's sha256
+
+A rebuild with the same inputs (suite, kernel and busybox package versions, Ray version, the agent's and
+this recipe's own hash, the NVIDIA driver if any) reuses what is there. Needs root (debootstrap, chroot).
+
+`--nvidia-driver VERSION` would add NVIDIA's driver to the image: it needs NVIDIA's packages (not in Debian
+main, not on PyPI) and a real GPU to check, so this recipe refuses it with what to do instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from provisioner.errors import HearthError
+
+SUITE = "bookworm"
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport"]
+HERE = Path(__file__).parent
+INIT = """#!/bin/busybox sh
+# hearth initramfs: load the virtio modules, mount the root disk, start the guest agent as PID 1.
+/bin/busybox mkdir -p /proc /sys /dev /newroot
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+for m in $(/bin/busybox cat /modules.order); do /bin/busybox insmod /modules/$m.ko; done
+root=/dev/vda
+for i in $(/bin/busybox seq 1 100); do [ -b $root ] && break; /bin/busybox usleep 20000; done
+/bin/busybox mount -t ext4 -o rw $root /newroot || { echo "hearth initramfs: cannot mount $root"; /bin/busybox poweroff -f; }
+/bin/busybox umount /proc /sys
+/bin/busybox mount --move /dev /newroot/dev
+exec /bin/busybox switch_root /newroot /opt/hearth/venv/bin/python3 -S /opt/hearth/guest/agent.py
+"""
+
+
+class BuildError(HearthError):
+    pass
+
+
+def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=print) -> dict:
+    """Build (or reuse) the image in `out`; returns the manifest."""
+    if nvidia_driver:
+        raise BuildError(f"--nvidia-driver {nvidia_driver}: NVIDIA's driver is neither in Debian main nor on PyPI, "
+                         "and cannot be checked without a GPU. Build on a host with NVIDIA's apt repository and add "
+                         f"nvidia-driver={nvidia_driver} to the rootfs (see guest/README.md)")
+    if os.geteuid() != 0:
+        raise BuildError("hearth guest build needs root (debootstrap and chroot); run it with sudo")
+    missing = [t for t in ("debootstrap", "apt-get", "dpkg-deb", "mkfs.ext4") if shutil.which(t) is None]
+    if missing:
+        raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs")
+    inputs = {
+        "suite": SUITE, "kernel": _package_version(_kernel_package()), "busybox": _package_version("busybox-static"),
+        "ray": ray_version, "agent": _sha256(HERE / "agent.py"), "recipe": _sha256(Path(__file__)),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key and all(_sha256(out / f) == h for f, h in manifest["files"].items()):
+            say(f"guest image {out} is up to date (key {key}): reused")
+            return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hearth-guest-", dir=out) as tmp:
+        work = Path(tmp)
+        say(f"kernel {inputs['kernel']} ...")
+        modules = _kernel(work, out / "vmlinuz")
+        say("initramfs ...")
+        _initramfs(work, modules, out / "initrd.img")
+        say(f"root filesystem: debootstrap {SUITE}, Python, ray[default]=={ray_version} ...")
+        _rootfs(work / "root", ray_version)
+        say("rootfs.img ...")
+        _ext4(work / "root", out / "rootfs.img")
+    files = {name: _sha256(out / name) for name in ("vmlinuz", "initrd.img", "rootfs.img")}
+    manifest = {"key": key, "inputs": inputs, "files": files, "built_s": round(time.monotonic() - started, 1)}
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    say(f"guest image in {out} ({manifest['built_s']} s)")
+    return manifest
+
+
+def _kernel_package() -> str:
+    depends = subprocess.run(["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True, text=True).stdout
+    found = re.search(r"Depends: (linux-image-\S+)", depends)
+    if not found:
+        raise BuildError(f"apt knows no {KERNEL_PACKAGE}: run apt-get update (Debian {SUITE} main)")
+    return found.group(1)
+
+
+def _package_version(package: str) -> str:
+    policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True).stdout
+    found = re.search(r"Candidate: (\S+)", policy)
+    if not found or found.group(1) == "(none)":
+        raise BuildError(f"apt has no {package}: run apt-get update")
+    return f"{package}={found.group(1)}"
+
+
+def _download(package: str, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", "-q", package], cwd=into, check=True, capture_output=True)
+    (deb,) = into.glob(f"{package.split('=')[0]}_*.deb")
+    extracted = into / "x"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(extracted)], check=True)
+    return extracted
+
+
+def _kernel(work: Path, vmlinuz: Path) -> list[Path]:
+    """vmlinuz, and the early modules with everything they depend on, in load order."""
+    tree = _download(_kernel_package(), work / "kernel")
+    (image,) = (tree / "boot").glob("vmlinuz-*")
+    shutil.copy(image, vmlinuz)
+    by_name = {p.stem.replace("-", "_"): p for p in (tree / "lib/modules").rglob("*.ko")}
+    ordered: list[Path] = []
+
+    def add(name: str) -> None:
+        path = by_name[name]
+        if path in ordered:
+            return
+        info = path.read_bytes().split(b"\0")
+        depends = next((x[8:].decode() for x in info if x.startswith(b"depends=")), "")
+        for dependency in filter(None, depends.split(",")):
+            add(dependency.replace("-", "_"))
+        ordered.append(path)
+
+    for name in EARLY_MODULES:
+        add(name)
+    return ordered
+
+
+def _initramfs(work: Path, modules: list[Path], initrd: Path) -> None:
+    busybox = _download(_package_version("busybox-static"), work / "busybox") / "bin/busybox"
+    entries = [("bin", None, 0o40755), ("modules", None, 0o40755), ("bin/busybox", busybox.read_bytes(), 0o100755),
+               ("init", INIT.encode(), 0o100755),
+               ("modules.order", "\n".join(m.stem for m in modules).encode() + b"\n", 0o100644)]
+    entries += [(f"modules/{m.stem}.ko", m.read_bytes(), 0o100644) for m in modules]
+    with gzip.open(initrd, "wb", compresslevel=6) as out:
+        out.write(_cpio(entries))
+
+
+def _cpio(entries: list[tuple[str, bytes | None, int]]) -> bytes:
+    """A newc cpio archive (what the kernel unpacks as an initramfs); no cpio tool needed."""
+    buffer = io.BytesIO()
+
+    def pad(n: int) -> None:
+        buffer.write(b"\0" * (-n % 4))
+
+    for inode, (name, data, mode) in enumerate([*entries, ("TRAILER!!!", None, 0)], start=1):
+        body = data or b""
+        encoded = name.encode() + b"\0"
+        fields = [inode, mode, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(encoded), 0]
+        buffer.write(b"070701" + b"".join(b"%08X" % f for f in fields))
+        buffer.write(encoded)
+        pad(110 + len(encoded))
+        buffer.write(body)
+        pad(len(body))
+    return buffer.getvalue()
+
+
+def _rootfs(root: Path, ray_version: str) -> None:
+    mirror = _mirror()
+    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,iproute2,kmod,ca-certificates",
+                    SUITE, str(root), mirror], check=True, capture_output=True)
+    wheels = root / "tmp/wheels"
+    # The controller's pip (its index settings) fetches the wheels; the image's pip installs them offline.
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
+                    "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "-d", str(wheels),
+                    f"ray=={ray_version}"], check=True, capture_output=True)
+    chroot = ["chroot", str(root)]
+    subprocess.run([*chroot, "python3", "-m", "venv", "/opt/hearth/venv"], check=True, capture_output=True)
+    subprocess.run([*chroot, "/opt/hearth/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels",
+                    "--disable-pip-version-check", f"ray=={ray_version}"], check=True, capture_output=True)
+    shutil.rmtree(wheels)
+    (root / "opt/hearth/guest").mkdir(parents=True)
+    shutil.copy(HERE / "agent.py", root / "opt/hearth/guest/agent.py")
+    subprocess.run([*chroot, "/opt/hearth/venv/bin/python3", "-m", "compileall", "-q", "/opt/hearth"], capture_output=True)
+    (root / "etc/hostname").write_text("hearth-guest\n")
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists", "root/.cache"):
+        shutil.rmtree(root / cache, ignore_errors=True)
+
+
+def _mirror() -> str:
+    """The Debian mirror this machine's apt uses (the CI machine's may be a local one)."""
+    for source in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        if source.is_file():
+            for url in re.findall(r"(?:URIs:|deb)\s+(https?://\S+/debian)\b(?!-)", source.read_text()):
+                return url
+    return "http://deb.debian.org/debian"
+
+
+def _ext4(root: Path, image: Path) -> None:
+    used = int(subprocess.run(["du", "-sxm", str(root)], capture_output=True, text=True, check=True).stdout.split()[0])
+    size = int(used * 1.2) + 256
+    image.unlink(missing_ok=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "hearth-root", "-d", str(root), "-E", "root_owner=0:0",
+                    str(image), f"{size}M"], check=True, capture_output=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
