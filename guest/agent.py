@@ -224,6 +224,10 @@ def main() -> None:
     if os.getpid() == 1:
         mount_basics()
     started = uptime()
+    # Read Ray's modules into the page cache while the host answers: the raylet gives its agents a fixed
+    # 15 s to come up, which an emulated guest (TCG) misses from a cold cache (not enough on its own).
+    warm = subprocess.Popen([f"{VENV}/bin/python3", "-c", "import ray.dashboard.agent, ray._private.runtime_env.agent.main"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     me = node_id()
     found = gpus()
     channel = Channel()
@@ -235,6 +239,7 @@ def main() -> None:
     while config is None:
         config = channel.receive(30)
     address = configure_network(config.get("network") or {})
+    warm.wait()
     try:
         start_ray(config["ray"], config.get("env") or {}, address)
     except (RuntimeError, OSError, KeyError) as error:
