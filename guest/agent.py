@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -30,9 +31,12 @@ RB_POWER_OFF = 0x4321FEDC
 FIXED_PORTS = {"node-manager-port": 6380, "object-manager-port": 6381, "dashboard-agent-listen-port": 6382,
                "dashboard-agent-grpc-port": 6383, "metrics-export-port": 6384, "runtime-env-agent-port": 6385}
 RAYLET_WAIT_S = 300
-# `ray start` gives a new raylet 30 s (hard-coded) to register with the GCS; an emulated guest (QEMU's TCG,
-# ten or more times slower than the hardware) needs longer. This runs `ray start` with Ray's own lookup
-# retried for RAYLET_WAIT_S instead; nothing else about Ray changes.
+# `ray start` wrapped in two corrections for slow (emulated) guests, nothing else about Ray changes:
+# - it gives a new raylet 30 s (hard-coded) to register with the GCS: retry Ray's own lookup for RAYLET_WAIT_S;
+# - it does not hand the raylet the dashboard agent's listen port, though the raylet has a flag for it, so the
+#   raylet waits a fixed 15 s for the agent to write the port to a file, and aborts after that ("Timed out
+#   waiting for file .../dashboard_agent_listen_port_<node>"). An agent under TCG needs longer than 15 s to
+#   import itself; with the port given (the same fixed one the agent is told), the raylet does not wait.
 RAY_START = f"""
 import sys, time
 import ray._private.services as services
@@ -47,6 +51,12 @@ def get_node(*args, **kwargs):
                 raise
             time.sleep(0.5)
 services.get_node = get_node
+start_process = services.start_ray_process
+def start_ray_process(command, process_type, *args, **kwargs):
+    if process_type == "raylet":
+        command = [*command, "--dashboard_agent_listen_port={FIXED_PORTS['dashboard-agent-listen-port']}"]
+    return start_process(command, process_type, *args, **kwargs)
+services.start_ray_process = start_ray_process
 from ray.scripts.scripts import main
 sys.argv[0] = "ray"
 sys.exit(main())
@@ -182,8 +192,6 @@ def start_ray(ray: dict, env: dict, address: str | None) -> None:
                    # The image's Python may differ from the controller's in the patch release (Debian's 3.11.x):
                    # Ray compares only major.minor then (see the README, "The guest image").
                    "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}
-    global RAY_STARTED
-    RAY_STARTED = True  # from here on, Ray's daemons may run: power_off stops them first
     done = subprocess.run(argv, env=environment, capture_output=True, text=True)
     if done.returncode != 0 or "Ray runtime started" not in done.stdout:
         say((done.stdout + done.stderr)[-3000:])
@@ -196,17 +204,16 @@ def start_ray(ray: dict, env: dict, address: str | None) -> None:
         raise RuntimeError(f"ray start failed ({done.returncode}): {lines[-1] if lines else 'no output'}")
 
 
-RAY_STARTED = False
-
-
 def power_off(reason: str) -> None:
+    """The node's disk layer is thrown away with the VM, so there is nothing to stop gracefully: end every
+    process (Ray's daemons), flush, and power off."""
     say(f"powering off: {reason}")
-    if RAY_STARTED:
-        subprocess.run([f"{VENV}/bin/ray", "stop", "--force"], capture_output=True, timeout=30)
+    if os.getpid() != 1:
+        sys.exit(0)  # a test run on a host: just end
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process
     os.sync()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.reboot(RB_POWER_OFF)
-    sys.exit(0)  # not PID 1 (a test run): just end
+    ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
 
 
 def reap() -> None:
@@ -224,10 +231,6 @@ def main() -> None:
     if os.getpid() == 1:
         mount_basics()
     started = uptime()
-    # Read Ray's modules into the page cache while the host answers: the raylet gives its agents a fixed
-    # 15 s to come up, which an emulated guest (TCG) misses from a cold cache (not enough on its own).
-    warm = subprocess.Popen([f"{VENV}/bin/python3", "-c", "import ray.dashboard.agent, ray._private.runtime_env.agent.main"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     me = node_id()
     found = gpus()
     channel = Channel()
@@ -238,14 +241,14 @@ def main() -> None:
     config = None
     while config is None:
         config = channel.receive(30)
+    configured = uptime()
     address = configure_network(config.get("network") or {})
-    warm.wait()
     try:
         start_ray(config["ray"], config.get("env") or {}, address)
     except (RuntimeError, OSError, KeyError) as error:
         channel.send({"op": "failed", "detail": str(error)})
         power_off(str(error))
-    channel.send({"op": "ready", "phases": {"ray_s": uptime()}})
+    channel.send({"op": "ready", "phases": {"config_s": configured, "ray_s": uptime()}})
     reconnect_s = float(config.get("reconnect_s", 30))
     gone_since = None
     while True:

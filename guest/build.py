@@ -33,6 +33,8 @@ from pathlib import Path
 from provisioner.errors import HearthError
 
 SUITE = "bookworm"
+PYTHON = (3, 11)  # bookworm's python3
+PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64"]  # bookworm has glibc 2.36
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport"]
 HERE = Path(__file__).parent
@@ -61,15 +63,21 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=
     if nvidia_driver:
         raise BuildError(f"--nvidia-driver {nvidia_driver}: NVIDIA's driver is neither in Debian main nor on PyPI, "
                          "and cannot be checked without a GPU. Build on a host with NVIDIA's apt repository and add "
-                         f"nvidia-driver={nvidia_driver} to the rootfs (see guest/README.md)")
+                         f"nvidia-driver={nvidia_driver} to the rootfs (README: The guest image)")
+    if sys.version_info[:2] != PYTHON:
+        raise BuildError(f"the image's Python is Debian {SUITE}'s {PYTHON[0]}.{PYTHON[1]}, and Ray needs the controller "
+                         f"on the same major.minor; this controller runs {sys.version_info[0]}.{sys.version_info[1]}: "
+                         f"run hearth from a Python {PYTHON[0]}.{PYTHON[1]} venv")
     if os.geteuid() != 0:
         raise BuildError("hearth guest build needs root (debootstrap and chroot); run it with sudo")
     missing = [t for t in ("debootstrap", "apt-get", "dpkg-deb", "mkfs.ext4") if shutil.which(t) is None]
     if missing:
         raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs")
+    constraints = _constraints()
     inputs = {
         "suite": SUITE, "kernel": _package_version(_kernel_package()), "busybox": _package_version("busybox-static"),
         "ray": ray_version, "agent": _sha256(HERE / "agent.py"), "recipe": _sha256(Path(__file__)),
+        "pins": hashlib.sha256(constraints.encode()).hexdigest()[:16],
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     manifest_path = out / "manifest.json"
@@ -86,8 +94,8 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=
         modules = _kernel(work, out / "vmlinuz")
         say("initramfs ...")
         _initramfs(work, modules, out / "initrd.img")
-        say(f"root filesystem: debootstrap {SUITE}, Python, ray[default]=={ray_version} ...")
-        _rootfs(work / "root", ray_version)
+        say(f"root filesystem: debootstrap {SUITE}, Python, ray=={ray_version} ...")
+        _rootfs(work / "root", ray_version, constraints)
         say("rootfs.img ...")
         _ext4(work / "root", out / "rootfs.img")
     files = {name: _sha256(out / name) for name in ("vmlinuz", "initrd.img", "rootfs.img")}
@@ -115,10 +123,10 @@ def _package_version(package: str) -> str:
 
 def _download(package: str, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", "-q", package], cwd=into, check=True, capture_output=True)
+    _sh(["apt-get", "download", "-q", package], f"apt-get download {package}", cwd=into)
     (deb,) = into.glob(f"{package.split('=')[0]}_*.deb")
     extracted = into / "x"
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(extracted)], check=True)
+    _sh(["dpkg-deb", "-x", str(deb), str(extracted)], f"dpkg-deb -x {deb.name}")
     return extracted
 
 
@@ -174,19 +182,24 @@ def _cpio(entries: list[tuple[str, bytes | None, int]]) -> bytes:
     return buffer.getvalue()
 
 
-def _rootfs(root: Path, ray_version: str) -> None:
-    mirror = _mirror()
-    subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,iproute2,kmod,ca-certificates",
-                    SUITE, str(root), mirror], check=True, capture_output=True)
+def _rootfs(root: Path, ray_version: str, constraints: str) -> None:
+    _sh(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,iproute2,kmod,ca-certificates",
+         SUITE, str(root), _mirror()], "debootstrap")
     wheels = root / "tmp/wheels"
-    # The controller's pip (its index settings) fetches the wheels; the image's pip installs them offline.
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
-                    "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "-d", str(wheels),
-                    f"ray=={ray_version}"], check=True, capture_output=True)
+    wheels.mkdir(parents=True)
+    (wheels / "constraints.txt").write_text(constraints)
+    # The controller's pip (its index settings) fetches the wheels, pinned to the versions the controller
+    # runs (Ray's dependencies too: what a driver pickles, a worker unpickles); the image's pip installs them
+    # offline.
+    platforms = [arg for tag in PLATFORMS for arg in ("--platform", tag)]
+    _sh([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
+         "--python-version", f"{PYTHON[0]}.{PYTHON[1]}", *platforms, "-d", str(wheels),
+         "-c", str(wheels / "constraints.txt"), f"ray=={ray_version}"], "pip download")
     chroot = ["chroot", str(root)]
-    subprocess.run([*chroot, "python3", "-m", "venv", "/opt/hearth/venv"], check=True, capture_output=True)
-    subprocess.run([*chroot, "/opt/hearth/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels",
-                    "--disable-pip-version-check", f"ray=={ray_version}"], check=True, capture_output=True)
+    _sh([*chroot, "python3", "-m", "venv", "/opt/hearth/venv"], "python3 -m venv in the image")
+    _sh([*chroot, "/opt/hearth/venv/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels",
+         "--disable-pip-version-check", "-c", "/tmp/wheels/constraints.txt", f"ray=={ray_version}"],
+        "pip install in the image")
     shutil.rmtree(wheels)
     (root / "opt/hearth/guest").mkdir(parents=True)
     shutil.copy(HERE / "agent.py", root / "opt/hearth/guest/agent.py")
@@ -209,8 +222,24 @@ def _ext4(root: Path, image: Path) -> None:
     used = int(subprocess.run(["du", "-sxm", str(root)], capture_output=True, text=True, check=True).stdout.split()[0])
     size = int(used * 1.2) + 256
     image.unlink(missing_ok=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "hearth-root", "-d", str(root), "-E", "root_owner=0:0",
-                    str(image), f"{size}M"], check=True, capture_output=True)
+    _sh(["mkfs.ext4", "-q", "-F", "-L", "hearth-root", "-d", str(root), "-E", "root_owner=0:0", str(image), f"{size}M"],
+        "mkfs.ext4")
+
+
+def _sh(argv: list[str], what: str, cwd: Path | None = None) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        raise BuildError(f"{what} failed ({done.returncode}):\n{tail}")
+
+
+def _constraints() -> str:
+    """The controller's installed distributions, as pins (pip uses those the image needs)."""
+    from importlib.metadata import distributions
+
+    pins = {d.metadata["Name"].lower(): d.version for d in distributions() if d.metadata["Name"]}
+    pins.pop("hearth", None)
+    return "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 
 
 def _sha256(path: Path) -> str:

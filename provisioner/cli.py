@@ -287,8 +287,12 @@ def guest_build(
 
     from guest.build import build
 
-    manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver,
-                                  say=lambda text: console.print(text)))
+    with console.status("guest image ...") as status:
+        def say(text: str) -> None:
+            console.print(text)
+            status.update(text)
+
+        manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver, say=say))
     console.print_json(json.dumps(manifest))
 
 

@@ -57,15 +57,22 @@ class ProgressLine:
 
 
 def profile_table(nodes: list[dict[str, Any]]) -> Table:
-    """Each node's boot profile (seconds per phase) from `ClusterRun.summary()["nodes"]`."""
+    """Each node's boot profile (seconds per phase) from `ClusterRun.summary()["nodes"]`, and, for VMs whose
+    guest agent reports them, the phases inside the boot (firmware, kernel, guest agent, `ray start`)."""
+    inside = list(dict.fromkeys(k for node in nodes for k in node.get("guest_profile") or {}))
     table = Table(title="boot profile: seconds to reach each state (place, vmm_started, booting, guest_up, "
-                        "ray_joined, ready) from the one before", title_justify="left")
+                        "ray_joined, ready) from the one before"
+                        + ("; inside the VM: QEMU to kernel, kernel to guest agent, agent to hello, `ray start`"
+                           if inside else ""), title_justify="left")
     table.add_column("node", no_wrap=True)
     table.add_column("state")
     for phase in (*PHASES, "total"):
         table.add_column(SHORT[phase], justify="right")
+    for phase in inside:
+        table.add_column(phase, justify="right", style="dim")
     for node in nodes:
-        profile = node["profile"]
+        profile, guest = node["profile"], node.get("guest_profile") or {}
         table.add_row(node["id"], node["state"],
-                      *(f"{profile[p]:.2f}" if p in profile else "-" for p in (*PHASES, "total")))
+                      *(f"{profile[p]:.2f}" if p in profile else "-" for p in (*PHASES, "total")),
+                      *(f"{guest[p]:.2f}" if p in guest else "-" for p in inside))
     return table

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -32,9 +33,9 @@ from provisioner.backends import JoinInfo
 from provisioner.errors import SpecError, VmmError, VmmExited, VmmTimeout
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.guest_channel import GuestChannel
-from provisioner.net import guest_mac, tap_name
+from provisioner.net import bridge_facts, guest_mac, tap_name
 from provisioner.placement import NodePlacement
-from provisioner.spec import ClusterSpec, Host
+from provisioner.spec import ClusterSpec, Host, HostNetwork
 
 QEMU = "qemu-system-x86_64"
 RECONNECT_S = 10.0  # nothing restarts a controller's channel: a guest that loses it powers off soon
@@ -53,23 +54,30 @@ class QemuBackend:
     name = "qemu"
     physical_gpus = False
 
-    def __init__(self, spec: ClusterSpec, hosts: list[Host], run_dir: Path) -> None:
+    def __init__(self, spec: ClusterSpec, hosts: list[Host], run_dir: Path, head_host: str) -> None:
         if spec.gpus_per_node:
             raise SpecError("the qemu backend passes no GPUs through; use cloud-hypervisor for GPU nodes")
-        remote = [h.name for h in hosts if h.address != "local"]
-        if remote or len(hosts) != 1:
+        if len(hosts) != 1 or hosts[0].address != "local":
             raise SpecError("the qemu backend runs VMs on this machine: give one host, address: local")
-        if shutil.which(QEMU) is None:
-            raise SpecError(f"{QEMU} not found: apt-get install qemu-system-x86 qemu-utils")
+        if shutil.which(QEMU) is None or shutil.which("qemu-img") is None:
+            raise SpecError(f"{QEMU} or qemu-img not found: apt-get install qemu-system-x86 qemu-utils")
+        network = hosts[0].network
+        self.gateway = _gateway(network)
+        if ipaddress.ip_address(head_host) != self.gateway.ip:
+            raise SpecError(f"head_host is {head_host}, but the guests reach this machine at {self.gateway.ip} "
+                            f"(bridge {network.bridge}): set head_host: {self.gateway.ip} in the hosts file")
         self.spec = spec
-        self.network = hosts[0].network
+        self.bridge = network.bridge
         self.run_dir = run_dir
         self.accel = "kvm" if kvm_usable() else "tcg"
-        self._addresses = self.network.subnet.hosts() if self.network.subnet else None
-        if self._addresses is not None:
-            self.gateway = next(self._addresses)
+        self._addresses = (ip for ip in network.subnet.hosts() if ip != self.gateway.ip)
 
     async def open(self) -> list:
+        """Clear what a controller that was killed left in this run directory (its QEMUs power off by
+        themselves, but a new node must not meet one still holding its tap)."""
+        for stale in self.run_dir.glob("*/"):
+            await _end_stale(stale / "qemu.pid")
+            shutil.rmtree(stale, ignore_errors=True)
         return []
 
     async def close(self) -> None:
@@ -77,21 +85,52 @@ class QemuBackend:
 
     def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
              on_event: OnEvent | None) -> QemuVm:
-        network = None
-        if self._addresses is not None:
+        try:
             ip = next(self._addresses)
-            network = {"address": f"{ip}/{self.network.subnet.prefixlen}", "gateway": str(self.gateway),
-                       "mac": guest_mac(ip), "tap": tap_name(ip), "bridge": self.network.bridge}
+        except StopIteration:
+            raise SpecError(f"subnet {self.gateway.network} has no address left for {placement.node_id}: "
+                            "give the host a larger subnet") from None
+        network = {"address": f"{ip}/{self.gateway.network.prefixlen}", "gateway": str(self.gateway.ip),
+                   "mac": guest_mac(ip), "tap": tap_name(ip), "bridge": self.bridge}
         guest = {"ray": {"address": join.address, "token": join.token, "labels": join.labels,
                          "num_cpus": join.num_cpus, "num_gpus": 0}, "env": join.env, "reconnect_s": RECONNECT_S,
-                 "network": {k: network[k] for k in ("address", "gateway", "mac")} if network else None}
+                 "network": {k: network[k] for k in ("address", "gateway", "mac")}}
         return QemuVm(placement.node_id, self.spec.image, self.run_dir, guest, NodeTracker(history, on_event),
                       cpus=self.spec.cpus, memory_mib=self.spec.memory_gib * 1024, accel=self.accel, network=network)
 
 
+def _gateway(network: HostNetwork) -> ipaddress.IPv4Interface:
+    """The bridge's address in the host's subnet: the guests' gateway, where the head listens."""
+    fix = (f"ip link add {network.bridge} type bridge && ip addr add <first address of the subnet>/<prefix> dev "
+           f"{network.bridge} && ip link set {network.bridge} up (or the hearth_network Ansible role)")
+    if network.subnet is None:
+        raise SpecError(f"the qemu backend needs the host's network.subnet (the guests' addresses on bridge "
+                        f"{network.bridge}): add it to the hosts file, and make the bridge: {fix}")
+    facts = bridge_facts(network.bridge)
+    if not facts["exists"] or not facts["up"]:
+        raise SpecError(f"bridge {network.bridge} is {'down' if facts['exists'] else 'missing'}: {fix}")
+    inside = [ipaddress.IPv4Interface(a) for a in facts["addresses"] if ipaddress.IPv4Interface(a).ip in network.subnet]
+    if not inside:
+        raise SpecError(f"bridge {network.bridge} has no address in {network.subnet} "
+                        f"(it has {', '.join(facts['addresses']) or 'none'}): {fix}")
+    return ipaddress.IPv4Interface(f"{inside[0].ip}/{network.subnet.prefixlen}")
+
+
+async def _end_stale(pidfile: Path) -> None:
+    """SIGKILL the QEMU a pid file names, if it still runs and is that node's (its command line names the file)."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text())
+        if str(pidfile).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                await asyncio.sleep(0.05)
+
+
 class QemuVm:
     def __init__(self, node_id: str, image: Path, run_dir: Path, guest: dict[str, Any], tracker: NodeTracker, *,
-                 cpus: int, memory_mib: int, accel: str, network: dict[str, str] | None) -> None:
+                 cpus: int, memory_mib: int, accel: str, network: dict[str, str]) -> None:
         self.node_id, self.image, self.guest = node_id, image, guest
         self.dir = run_dir / node_id
         self.tracker = tracker
@@ -100,9 +139,14 @@ class QemuVm:
         self.process: asyncio.subprocess.Process | None = None
         self.channel: GuestChannel | None = None
         self.exited = asyncio.Event()
-        self.guest_phases: dict[str, float] = {}
+        # Inside the boot, in seconds (from the guest's uptime, anchored by when its hello arrived): QEMU to
+        # the kernel (firmware, loading), the kernel and initramfs, the guest agent to its hello, `ray start`.
+        self.guest_profile: dict[str, float] = {}
+        self._spawned_at = 0.0
         self._watcher: asyncio.Task | None = None
         self._stopping = False
+        self._started = False
+        self._exit_detail = ""
 
     @property
     def serial_log(self) -> Path:
@@ -142,27 +186,34 @@ class QemuVm:
                 "-device", "virtserialport,chardev=channel,name=hearth.channel",
                 "-smbios", f"type=11,value=hearth-node={self.node_id}",
                 "-qmp", f"unix:{self.dir / 'qmp.sock'},server=on,wait=off",
-                "-serial", f"file:{self.serial_log}"]
-        if self.network:
-            ifup = self.dir / "ifup"
-            ifup.write_text(f"#!/bin/sh\nip link set \"$1\" master {self.network['bridge']} && ip link set \"$1\" up\n")
-            ifup.chmod(0o700)
-            argv += ["-netdev", f"tap,id=net0,ifname={self.network['tap']},script={ifup},downscript=no",
-                     "-device", f"virtio-net-pci,netdev=net0,mac={self.network['mac']}"]
+                "-serial", f"file:{self.serial_log}", "-pidfile", str(self.dir / "qemu.pid")]
+        ifup = self.dir / "ifup"
+        ifup.write_text(f"#!/bin/sh\nip link set \"$1\" master {self.network['bridge']} && ip link set \"$1\" up\n")
+        ifup.chmod(0o700)
+        argv += ["-netdev", f"tap,id=net0,ifname={self.network['tap']},script={ifup},downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={self.network['mac']}"]
         log = open(self.dir / "qemu.log", "ab")
+        self._spawned_at = time.time()
         self.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         self._watcher = asyncio.create_task(self._watch())
         await self._qmp_ready()
+        # QEMU holds the layer open from here, and has made its tap: unlinked now, the layer goes when QEMU
+        # goes, even if this process is killed and nobody is left to clean up.
+        overlay.unlink()
+        ifup.unlink()
         self.tracker.transition(NodeState.vmm_started, f"qemu pid {self.process.pid}, {self.accel}")
         self.tracker.transition(NodeState.booting)
+        self._started = True
+        if self.exited.is_set():  # it ended before the watcher could know start() was done
+            raise VmmExited(self._exit_detail)
 
     async def _qmp_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.exited.is_set():
-                raise VmmExited(f"qemu exited with status {self.process.returncode}: {self._tail('qemu.log')}")
+                raise VmmExited(self._exit_detail)
             with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
                 await self.qmp("query-status")
                 return
@@ -192,26 +243,31 @@ class QemuVm:
         await self.tracker.wait_for(state, timeout)
 
     def _on_guest(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
+        op, phases = message.get("op"), message.get("phases") or {}
         if op == "hello" and self.history.state == NodeState.booting:
-            self.guest_phases.update(message.get("phases") or {})
+            with contextlib.suppress(KeyError, TypeError):
+                kernel_at = time.time() - phases["agent_s"]
+                self.guest_profile.update(firmware=round(kernel_at - self._spawned_at, 3), kernel=phases["kernel_s"],
+                                          agent=round(phases["agent_s"] - phases["kernel_s"], 3))
             self.tracker.transition(NodeState.guest_up, message.get("detail"))
         elif op == "ready" and self.history.state == NodeState.guest_up:
-            self.guest_phases.update(message.get("phases") or {})
+            with contextlib.suppress(KeyError, TypeError):
+                self.guest_profile["ray start"] = round(phases["ray_s"] - phases["config_s"], 3)
             self.tracker.transition(NodeState.ray_joined)
         elif op == "failed" and self.history.state not in TERMINAL:
             self.tracker.transition(NodeState.failed, f"the guest agent: {message.get('detail')}")
 
     async def _watch(self) -> None:
         code = await self.process.wait()
+        self._exit_detail = f"qemu exited with status {code}: {self._tail('qemu.log')}"
         self.exited.set()
-        if self._stopping:
+        if self._stopping or not self._started:  # start() fails with the detail, and cleans up
             return
         if self.history.state not in TERMINAL:
             if code == 0:
                 self.tracker.transition(NodeState.stopping, "the guest powered off")
             else:
-                self.tracker.transition(NodeState.failed, f"qemu exited with status {code}: {self._tail('qemu.log')}")
+                self.tracker.transition(NodeState.failed, self._exit_detail)
         asyncio.get_running_loop().create_task(self.stop(grace=0))
 
     async def stop(self, grace: float = 10.0) -> None:

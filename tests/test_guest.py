@@ -1,0 +1,208 @@
+"""The guest side for real: `hearth guest build`, the guest agent, and the qemu backend booting real VMs that
+join a real Ray head. QEMU runs under TCG (software emulation) here: this machine's /dev/kvm runs only
+para-virtualised guests. The image is built from Debian packages and PyPI into HEARTH_TEST_IMAGE (default
+/var/cache/hearth/test-guest-image) and reused while its inputs are unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from provisioner.cluster import ClusterRun
+from provisioner.errors import HearthError, SpecError
+from provisioner.spec import Host, HostNetwork, Inventory, cluster_spec
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="images, taps and bridges need root: run the tests as root")
+HEARTH = str(Path(sys.executable).with_name("hearth"))
+IMAGE = Path(os.environ.get("HEARTH_TEST_IMAGE", "/var/cache/hearth/test-guest-image"))
+SUBNET = "10.253.0.0/24"
+GATEWAY = "10.253.0.1"
+
+
+def _say(request, text: str) -> None:
+    """To the terminal, past pytest's capture: CI's log shows the figures of every run."""
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(text, flush=True)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+def _qemus(marker: str) -> list[int]:
+    """QEMU processes whose command line mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"qemu-system-x86_64") and marker.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _taps() -> set[str]:
+    return {line.split()[0].split("@")[0] for line in _ip("-br", "link").stdout.splitlines() if line.startswith("hth0afd")}
+
+
+@pytest.fixture(scope="module")
+def image(request):
+    started = time.monotonic()
+    built = subprocess.run([HEARTH, "guest", "build", "--out", str(IMAGE)], capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stdout + built.stderr
+    took = time.monotonic() - started
+    manifest = json.loads((IMAGE / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((IMAGE / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
+    started = time.monotonic()
+    again = subprocess.run([HEARTH, "guest", "build", "--out", str(IMAGE)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
+    reused = "reused" in built.stdout
+    _say(request, f"\nguest image {IMAGE}: {'reused' if reused else 'built'} in {took:.1f} s "
+                  f"(a build from scratch took {manifest['built_s']} s); a rebuild with the same inputs: "
+                  f"{time.monotonic() - started:.1f} s; rootfs {(IMAGE / 'rootfs.img').stat().st_size >> 20} MiB")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def bridge():
+    name = f"hbrq{os.getpid() % 10000:04d}"
+    for step in (["link", "add", name, "type", "bridge"], ["addr", "add", f"{GATEWAY}/24", "dev", name],
+                 ["link", "set", name, "up"]):
+        assert _ip(*step).returncode == 0
+    yield name
+    _ip("link", "delete", name)
+
+
+def _inventory(bridge: str, head_host: str = GATEWAY, subnet: str | None = SUBNET) -> Inventory:
+    return Inventory(hosts=[Host(name="local", network=HostNetwork(bridge=bridge, subnet=subnet))], head_host=head_host)
+
+
+def test_image_holds_the_controllers_ray_and_the_guest_agent(image):
+    manifest = json.loads((image / "manifest.json").read_text())
+    from importlib.metadata import version
+
+    assert manifest["inputs"]["ray"] == version("ray")
+    assert (image / "vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"  # a bzImage, for direct kernel boot
+    listing = subprocess.run(["debugfs", "-R", "ls -l /opt/hearth/venv/lib/python3.11/site-packages", str(image / "rootfs.img")],
+                             capture_output=True, text=True).stdout
+    assert f"ray-{version('ray')}.dist-info" in listing
+    agent = subprocess.run(["debugfs", "-R", "cat /opt/hearth/guest/agent.py", str(image / "rootfs.img")],
+                           capture_output=True).stdout
+    assert agent == (Path(__file__).parents[1] / "guest/agent.py").read_bytes()
+
+
+def test_bad_requests_are_refused_before_anything_starts(tmp_path, run_dir, bridge, image):
+    spec = cluster_spec(nodes=1, backend="qemu", image=image, name="bad")
+    cases = [
+        (_inventory("hbrnone"), "bridge hbrnone is missing: ip link add hbrnone type bridge"),
+        (_inventory(bridge, subnet="10.99.0.0/24"), f"bridge {bridge} has no address in 10.99.0.0/24"),
+        (_inventory(bridge, subnet=None), "the qemu backend needs the host's network.subnet"),
+        (_inventory(bridge, head_host="127.0.0.1"), f"set head_host: {GATEWAY} in the hosts file"),
+    ]
+    for inventory, message in cases:
+        with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+            ClusterRun(spec, run_dir / "bad", inventory=inventory)
+    with pytest.raises(SpecError, match="passes no GPUs through"):
+        ClusterRun(cluster_spec(nodes=1, gpus_per_node=1, backend="qemu", image=image, name="bad"), run_dir / "bad",
+                   inventory=_inventory(bridge))
+    empty = tmp_path / "empty-image"
+    empty.mkdir()
+    run = ClusterRun(cluster_spec(nodes=1, backend="qemu", image=empty, name="bad"), run_dir / "bad",
+                     inventory=_inventory(bridge), with_ray=False)
+    with pytest.raises(HearthError, match="lacks vmlinuz: build it with `hearth guest build`"):
+        asyncio.run(run.up())
+    assert not _qemus(str(run_dir)) and not _taps()
+    refused = subprocess.run([HEARTH, "guest", "build", "--out", str(tmp_path / "nv"), "--nvidia-driver", "550.54"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "NVIDIA's driver is neither in Debian main nor on PyPI" in refused.stderr
+    assert not (tmp_path / "nv").exists()
+
+
+def test_a_vmm_that_fails_at_start_fails_the_node_and_leaves_nothing(tmp_path, run_dir, bridge, image):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vmlinuz").write_bytes(b"not a kernel")
+    for name in ("initrd.img", "rootfs.img"):
+        (broken / name).symlink_to(image / name)
+    spec = cluster_spec(nodes=1, backend="qemu", image=broken, name="broken", boot_timeout=60)
+    run = ClusterRun(spec, run_dir / "run", inventory=_inventory(bridge), with_ray=False)
+    with pytest.raises(HearthError) as failed:
+        asyncio.run(run.up())
+    assert "qemu exited with status 1" in str(failed.value) and "kernel" in str(failed.value)
+    states = [e["state"] for e in run.summary()["nodes"][0]["events"]]
+    assert states[-3:] == ["failed", "stopping", "stopped"] and states.count("vmm_started") == 0
+    assert not _qemus(str(run_dir)) and not _taps()
+    assert not list((run_dir / "run").rglob("*.qcow2")) and not list((run_dir / "run" / "vms").iterdir())
+
+
+def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(request, tmp_path, bridge, image):
+    """The whole path, as a user runs it: `hearth up` (its supervisor is the controller), a Ray job with a task
+    on each VM, then the controller SIGKILLed: each guest's dead man's switch powers its VM off."""
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
+    name = f"e2e{os.getpid() % 10000}"
+    run_dir = Path("/tmp/hq") / name  # short: Ray's socket paths live under it
+    env = {**os.environ, "HEARTH_STATE_DIR": str(tmp_path / "state"), "HEARTH_RUN_DIR": str(run_dir.parent),
+           "COLUMNS": "160"}
+    started = time.monotonic()
+    up = subprocess.run([HEARTH, "up", "--backend", "qemu", "--hosts", str(hosts), "--image", str(image), "--nodes", "2",
+                         "--cpus", "1", "--memory-gib", "2", "--boot-timeout", "400", "--name", name],
+                        capture_output=True, text=True, env=env, timeout=600)
+    up_s = time.monotonic() - started
+    assert up.returncode == 0, up.stdout + up.stderr
+    _say(request, f"\nhearth up, 2 VMs under TCG: {up_s:.1f} s\n{up.stdout}")
+    state = json.loads(subprocess.run([HEARTH, "status", "--name", name, "--json"], capture_output=True, text=True,
+                                      env=env, check=True).stdout)
+    nodes = state["nodes"]
+    assert [n["state"] for n in nodes] == ["ready", "ready"]
+    for node in nodes:
+        assert set(node["guest_profile"]) == {"firmware", "kernel", "agent", "ray start"}
+        assert 0 < node["guest_profile"]["kernel"] < node["profile"]["guest_up"] + node["profile"]["vmm_started"]
+
+    script = tmp_path / "where.py"
+    script.write_text(
+        "import ray\nray.init()\n"
+        "ids = sorted(n['Labels']['hearth.io/node'] for n in ray.nodes() if n['Alive'] and 'hearth.io/node' in n['Labels'])\n"
+        "where = ray.remote(num_cpus=1)(lambda: (ray.get_runtime_context().get_node_labels()['hearth.io/node'],"
+        " open('/etc/hostname').read().strip()))\n"
+        "print('ran on', ray.get([where.options(label_selector={'hearth.io/node': i}).remote() for i in ids]))\n")
+    started = time.monotonic()
+    job = subprocess.run([HEARTH, "job", "submit", "--name", name, "--", "python", str(script)],
+                         capture_output=True, text=True, env=env, timeout=400)
+    job_s = time.monotonic() - started
+    assert job.returncode == 0, job.stdout + job.stderr
+    # each task ran inside its own VM (the image's hostname), on the node its label names
+    assert f"ran on [('{name}-0', 'hearth-guest'), ('{name}-1', 'hearth-guest')]" in job.stdout
+
+    assert len(_qemus(str(run_dir))) == 2 and len(_taps()) == 2
+    os.kill(state["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    while _qemus(str(run_dir)) and time.monotonic() - killed < 90:
+        time.sleep(0.2)
+    gone_s = time.monotonic() - killed
+    assert not _qemus(str(run_dir)), "the VMs did not power off after their controller died"
+    _say(request, f"a task on each VM (job, workers started cold under TCG): {job_s:.1f} s; "
+                  f"controller SIGKILLed -> both VMs powered off in {gone_s:.1f} s (the guests wait 10 s for it)")
+    for node in nodes:
+        serial = (run_dir / "vms" / node["id"] / "serial.log").read_text()
+        assert "powering off: the host end has been gone for 10 s" in serial
+    # nothing left: no VMM, tap, disk layer, Ray process of this cluster; the node directories keep their logs
+    assert not _taps()
+    assert not list(run_dir.rglob("*.qcow2")) and not list(run_dir.rglob("qemu.pid"))
+    ray_left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert not ray_left, f"processes of the dead cluster are left: {ray_left}"
+    status = subprocess.run([HEARTH, "status", "--name", name], capture_output=True, text=True, env=env)
+    assert "gone (its supervisor is not running)" in status.stdout
+    subprocess.run(["rm", "-rf", str(run_dir)])
