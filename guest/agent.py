@@ -179,16 +179,16 @@ def start_ray(ray: dict, env: dict, address: str | None) -> None:
     argv = [f"{VENV}/bin/python3", "-c", RAY_START, "start", f"--address={ray['address']}", f"--num-cpus={ray.get('num_cpus', 1)}",
             f"--num-gpus={ray.get('num_gpus', 0)}", f"--labels={labels}", "--disable-usage-stats",
             "--temp-dir=/tmp/ray",  # the guest's own: by default a node takes the head's path, the controller's
-            # Fixed ports (one node per VM): with them the raylet does not wait, with a short timeout, for its
-            # agents to write theirs to files, which an emulated guest's agents are too slow for.
+            # Fixed ports (one node per VM): the raylet is given each agent's port instead of waiting, a fixed
+            # 15 s, for the agent to write it to a file, which an emulated guest's agents are too slow for.
             *(f"--{name}={port}" for name, port in FIXED_PORTS.items())]
     if address:
         argv.append(f"--node-ip-address={address}")
     environment = {"PATH": f"{VENV}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "RAY_AUTH_MODE": "token",
                    "RAY_AUTH_TOKEN": ray["token"], **env,
-                   # The raylet waits for its agents (Python) to publish their ports, 15 s by default: more
-                   # here, for emulated guests (TCG), where the agents take longer to start.
-                   "RAY_raylet_start_wait_time_s": str(RAYLET_WAIT_S), "RAY_agent_register_timeout_ms": str(RAYLET_WAIT_S * 1000),
+                   # How long the raylet waits for its runtime-env agent (30 s by default), which an emulated
+                   # guest (TCG) may need longer to start.
+                   "RAY_agent_register_timeout_ms": str(RAYLET_WAIT_S * 1000),
                    # The image's Python may differ from the controller's in the patch release (Debian's 3.11.x):
                    # Ray compares only major.minor then (see the README, "The guest image").
                    "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -56,23 +56,28 @@ class ProgressLine:
         return text
 
 
-def profile_table(nodes: list[dict[str, Any]]) -> Table:
+def profile_table(nodes: list[dict[str, Any]]) -> Group:
     """Each node's boot profile (seconds per phase) from `ClusterRun.summary()["nodes"]`, and, for VMs whose
-    guest agent reports them, the phases inside the boot (firmware, kernel, guest agent, `ray start`)."""
-    inside = list(dict.fromkeys(k for node in nodes for k in node.get("guest_profile") or {}))
+    guest agent reports them, the phases inside the boot."""
     table = Table(title="boot profile: seconds to reach each state (place, vmm_started, booting, guest_up, "
-                        "ray_joined, ready) from the one before"
-                        + ("; inside the VM: QEMU to kernel, kernel to guest agent, agent to hello, `ray start`"
-                           if inside else ""), title_justify="left")
+                        "ray_joined, ready) from the one before", title_justify="left")
     table.add_column("node", no_wrap=True)
     table.add_column("state")
     for phase in (*PHASES, "total"):
         table.add_column(SHORT[phase], justify="right")
-    for phase in inside:
-        table.add_column(phase, justify="right", style="dim")
     for node in nodes:
-        profile, guest = node["profile"], node.get("guest_profile") or {}
+        profile = node["profile"]
         table.add_row(node["id"], node["state"],
-                      *(f"{profile[p]:.2f}" if p in profile else "-" for p in (*PHASES, "total")),
-                      *(f"{guest[p]:.2f}" if p in guest else "-" for p in inside))
-    return table
+                      *(f"{profile[p]:.2f}" if p in profile else "-" for p in (*PHASES, "total")))
+    inside = list(dict.fromkeys(k for node in nodes for k in node.get("guest_profile") or {}))
+    if not inside:
+        return Group(table)
+    guest = Table(title="inside the VMs, seconds: VMM start to kernel (firmware), kernel and initramfs, guest agent "
+                        "to its hello, `ray start`", title_justify="left")
+    guest.add_column("node", no_wrap=True)
+    for phase in inside:
+        guest.add_column(phase, justify="right")
+    for node in nodes:
+        phases = node.get("guest_profile") or {}
+        guest.add_row(node["id"], *(f"{phases[p]:.2f}" if p in phases else "-" for p in inside))
+    return Group(table, guest)
