@@ -15,6 +15,7 @@ on the driver (and override) it had, and the result says what happened to each.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from vfio.nvml import nvml_inventory
 from vfio.pci import VFIO_DRIVER, PciDevice, PciTopology, read_device
 
 TIMEOUT = 10.0
+PROBE_SETTLE_S = 1.0  # how long an unbound device is given to be claimed by a host driver after drivers_probe
 DEVICES = "sys/bus/pci/devices"
 DRIVERS = "sys/bus/pci/drivers"
 
@@ -157,9 +159,14 @@ def apply(host: HostRoot, plan: Plan, timeout: float = TIMEOUT) -> Result:
                 _write(write, timeout)
                 if write.path.endswith("/unbind"):
                     _wait_for(host, step.device.address, lambda d: d is None, timeout, "to leave its driver")
-            _wait_for(host, step.device.address,
-                      (lambda d: d == step.target) if step.target else (lambda d: d != VFIO_DRIVER),
-                      timeout, f"to bind to {step.target or 'a host driver'}")
+            if step.target:
+                _wait_for(host, step.device.address, lambda d: d == step.target, timeout, f"to bind to {step.target}")
+            else:
+                # drivers_probe: a host driver that claims the device binds during the probe, or just after it
+                # with asynchronous probing; a device that no driver claims stays without one.
+                with contextlib.suppress(OSError):
+                    _wait_for(host, step.device.address, lambda d: d is not None, min(timeout, PROBE_SETTLE_S), "")
+                _wait_for(host, step.device.address, lambda d: d != VFIO_DRIVER, timeout, "to bind to a host driver")
         except (OSError, WriteTimeout) as error:
             stuck = step.device.address if isinstance(error, WriteTimeout) else None
             outcomes = _restore(host, done, stuck, timeout)

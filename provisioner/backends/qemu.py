@@ -70,7 +70,8 @@ class QemuBackend:
         self.bridge = network.bridge
         self.run_dir = run_dir
         self.accel = "kvm" if kvm_usable() else "tcg"
-        self._addresses = (ip for ip in network.subnet.hosts() if ip != self.gateway.ip)
+        self._addresses = [ip for ip in network.subnet.hosts() if ip != self.gateway.ip]
+        self._vms: dict[ipaddress.IPv4Address, QemuVm] = {}  # by guest address; a stopped VM's is free again
 
     async def open(self) -> list:
         """Clear what a controller that was killed left in this run directory (its QEMUs power off by
@@ -85,18 +86,20 @@ class QemuBackend:
 
     def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
              on_event: OnEvent | None) -> QemuVm:
-        try:
-            ip = next(self._addresses)
-        except StopIteration:
+        free = [ip for ip in self._addresses if ip not in self._vms or self._vms[ip].history.state == NodeState.stopped]
+        if not free:
             raise SpecError(f"subnet {self.gateway.network} has no address left for {placement.node_id}: "
-                            "give the host a larger subnet") from None
+                            "give the host a larger subnet")
+        ip = free[0]
         network = {"address": f"{ip}/{self.gateway.network.prefixlen}", "gateway": str(self.gateway.ip),
                    "mac": guest_mac(ip), "tap": tap_name(ip), "bridge": self.bridge}
         guest = {"ray": {"address": join.address, "token": join.token, "labels": join.labels,
                          "num_cpus": join.num_cpus, "num_gpus": 0}, "env": join.env, "reconnect_s": RECONNECT_S,
                  "network": {k: network[k] for k in ("address", "gateway", "mac")}}
-        return QemuVm(placement.node_id, self.spec.image, self.run_dir, guest, NodeTracker(history, on_event),
-                      cpus=self.spec.cpus, memory_mib=self.spec.memory_gib * 1024, accel=self.accel, network=network)
+        self._vms[ip] = QemuVm(placement.node_id, self.spec.image, self.run_dir, guest, NodeTracker(history, on_event),
+                               cpus=self.spec.cpus, memory_mib=self.spec.memory_gib * 1024, accel=self.accel,
+                               network=network)
+        return self._vms[ip]
 
 
 def _gateway(network: HostNetwork) -> ipaddress.IPv4Interface:
