@@ -8,7 +8,7 @@ Standard library only, so it is up in a fraction of a second: boot time is the p
     3. take the config: network (address, gateway), Ray (address, token, labels, CPUs, GPUs), env
     4. `ray start` with the token in its environment (never on a command line); say ready
     5. heartbeat; power off when told to stop, or when the host end has been gone for `reconnect_s`
-       (the controller died, FLAME's dead man's switch)
+       (the controller died, FLAME's dead man's switch): from the moment the config arrived, `ray start` too
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 VENV = "/opt/hearth/venv"
@@ -111,6 +112,7 @@ class Channel:
         self.fd = -1
         self.buffer = b""
         self.vsock: socket.socket | None = None
+        self.sending = threading.Lock()  # the main thread and the channel's thread both send
 
     def open(self) -> None:
         subprocess.run(["modprobe", "-a", "vmw_vsock_virtio_transport", "virtio_console"], stderr=subprocess.DEVNULL)
@@ -131,7 +133,10 @@ class Channel:
         return None
 
     def send(self, message: dict) -> None:
-        data = json.dumps(message).encode() + b"\n"
+        with self.sending:
+            self._send(json.dumps(message).encode() + b"\n")
+
+    def _send(self, data: bytes) -> None:
         while data:
             select.select([], [self.fd], [], 5)
             try:
@@ -227,6 +232,29 @@ def reap() -> None:
             return
 
 
+def serve(channel: Channel, hello: dict, reconnect_s: float, ray_started: threading.Event) -> None:
+    """Heartbeats; power off when told to, or when the host end has been gone for `reconnect_s`. Runs from the
+    moment the config arrived, so a controller that dies during `ray start` is noticed too."""
+    gone_since = None
+    while True:
+        if ray_started.is_set():  # not before: reaping then could take `ray start`'s own exit status
+            reap()
+        try:
+            message = channel.receive(2.0)
+        except EOFError:
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since > reconnect_s:
+                power_off(f"the host end has been gone for {reconnect_s:g} s")
+            continue
+        if gone_since is not None:  # it is back (an agent restart): say who we are again
+            gone_since = None
+            channel.send(hello)
+        if message is not None and message.get("op") == "stop":
+            power_off("told to stop")
+        with contextlib.suppress(OSError):
+            channel.send({"op": "heartbeat"})
+
+
 def main() -> None:
     if os.getpid() == 1:
         mount_basics()
@@ -242,33 +270,18 @@ def main() -> None:
     while config is None:
         config = channel.receive(30)
     configured = uptime()
+    ray_started = threading.Event()
+    threading.Thread(target=serve, args=(channel, hello, float(config.get("reconnect_s", 30)), ray_started),
+                     daemon=True).start()
     address = configure_network(config.get("network") or {})
     try:
         start_ray(config["ray"], config.get("env") or {}, address)
     except (RuntimeError, OSError, KeyError) as error:
         channel.send({"op": "failed", "detail": str(error)})
         power_off(str(error))
+    ray_started.set()
     channel.send({"op": "ready", "phases": {"config_s": configured, "ray_s": uptime()}})
-    reconnect_s = float(config.get("reconnect_s", 30))
-    gone_since = None
-    while True:
-        reap()
-        try:
-            message = channel.receive(2.0)
-        except EOFError:
-            gone_since = gone_since or time.monotonic()
-            if time.monotonic() - gone_since > reconnect_s:
-                power_off(f"the host end has been gone for {reconnect_s:g} s")
-            continue
-        if gone_since is not None:  # it is back (an agent restart): say who we are again
-            gone_since = None
-            channel.send(hello)
-        if message is not None and message.get("op") == "stop":
-            power_off("told to stop")
-        try:
-            channel.send({"op": "heartbeat"})
-        except OSError:
-            pass
+    threading.Event().wait()  # the channel's thread runs the node from here
 
 
 if __name__ == "__main__":

@@ -205,6 +205,10 @@ def _rootfs(root: Path, ray_version: str, constraints: str) -> None:
     shutil.copy(HERE / "agent.py", root / "opt/hearth/guest/agent.py")
     subprocess.run([*chroot, "/opt/hearth/venv/bin/python3", "-m", "compileall", "-q", "/opt/hearth"], capture_output=True)
     (root / "etc/hostname").write_text("hearth-guest\n")
+    # Names resolve locally: without these, each Ray process's lookup of "localhost" went to the build
+    # machine's DNS server (debootstrap copies its resolv.conf), unreachable from a guest, and waited 20 s.
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\thearth-guest\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    (root / "etc/resolv.conf").write_text("")
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists", "root/.cache"):
         shutil.rmtree(root / cache, ignore_errors=True)
 

@@ -81,6 +81,9 @@ def up(
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     state = _follow(directory, supervisor, spec.nodes)
     if state is None or state.get("status") != "ready":
+        if supervisor.poll() is not None and supervisor.returncode < 0:  # killed: it could not tear down
+            _fail(f"cluster {name} did not come up: its supervisor was killed (signal {-supervisor.returncode}); "
+                  "its Ray head went with it, and its VMs power themselves off when they notice", 1)
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
     console.print(profile_table(state["nodes"]))

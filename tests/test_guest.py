@@ -206,3 +206,41 @@ def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(reque
     status = subprocess.run([HEARTH, "status", "--name", name], capture_output=True, text=True, env=env)
     assert "gone (its supervisor is not running)" in status.stdout
     subprocess.run(["rm", "-rf", str(run_dir)])
+
+
+def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, bridge, image):
+    """The dead man's switch holds during `ray start` too: the controller dies after the guests said hello,
+    before they joined Ray."""
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
+    name = f"mid{os.getpid() % 10000}"
+    run_dir = Path("/tmp/hq") / name
+    state_dir = tmp_path / "state"
+    env = {**os.environ, "HEARTH_STATE_DIR": str(state_dir), "HEARTH_RUN_DIR": str(run_dir.parent)}
+    up = subprocess.Popen([HEARTH, "up", "--backend", "qemu", "--hosts", str(hosts), "--image", str(image), "--nodes", "2",
+                           "--cpus", "1", "--memory-gib", "2", "--name", name], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+    events = state_dir / "clusters" / name / "events.jsonl"
+    deadline = time.monotonic() + 120
+    greeted: set[str] = set()
+    while len(greeted) < 2 and time.monotonic() < deadline and up.poll() is None:
+        if events.exists():
+            for line in events.read_text().splitlines():
+                event = json.loads(line)
+                assert event["state"] not in ("ray_joined", "ready"), "joined before the controller could be killed"
+                if event["state"] == "guest_up":
+                    greeted.add(event["node"])
+        time.sleep(0.1)
+    assert len(greeted) == 2, f"the guests did not say hello: {up.stdout.read() if up.poll() is not None else ''}"
+    supervisor = json.loads((state_dir / "clusters" / name / "state.json").read_text())["pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    killed = time.monotonic()
+    assert "did not come up" in up.communicate(timeout=30)[0]
+    while _qemus(str(run_dir)) and time.monotonic() - killed < 60:
+        time.sleep(0.2)
+    gone_s = time.monotonic() - killed
+    assert not _qemus(str(run_dir)), "VMs outlived their controller, killed while they ran `ray start`"
+    _say(request, f"\ncontroller SIGKILLed during `ray start` -> both VMs powered off in {gone_s:.1f} s")
+    assert not _taps() and not list(run_dir.rglob("*.qcow2"))
+    assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    subprocess.run(["rm", "-rf", str(run_dir)])
