@@ -2,7 +2,8 @@
 
     vmlinuz       Debian's cloud kernel (linux-image-cloud-amd64): boots under Cloud Hypervisor and QEMU alike
     initrd.img    busybox and the few modules the cloud kernel keeps out of its image (virtio PCI, block, net,
-                  console, vsock); its /init loads them, mounts the root disk and hands over to the guest agent
+                  console, vsock, overlayfs); its /init loads them, mounts the image disk read-only under an
+                  overlay whose writable layer is in the guest's memory, and hands over to the guest agent
     rootfs.img    ext4: Debian minbase, Python 3, a venv at /opt/hearth/venv with the controller's exact Ray
                   (Ray alone: the dashboard and job server run on the head, beside the controller),
                   and the guest agent at /opt/hearth/guest/agent.py
@@ -36,18 +37,23 @@ SUITE = "bookworm"
 PYTHON = (3, 11)  # bookworm's python3
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64"]  # bookworm has glibc 2.36
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport"]
+EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport", "overlay"]
 HERE = Path(__file__).parent
 INIT = """#!/bin/busybox sh
-# hearth initramfs: load the virtio modules, mount the root disk, start the guest agent as PID 1.
-/bin/busybox mkdir -p /proc /sys /dev /newroot
+# hearth initramfs: load the early modules, mount the image read-only under an overlay whose writable layer is
+# in memory (the node's own; it goes with the VM), start the guest agent as PID 1.
+/bin/busybox mkdir -p /proc /sys /dev /lower /rw /newroot
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for m in $(/bin/busybox cat /modules.order); do /bin/busybox insmod /modules/$m.ko; done
 root=/dev/vda
 for i in $(/bin/busybox seq 1 100); do [ -b $root ] && break; /bin/busybox usleep 20000; done
-/bin/busybox mount -t ext4 -o rw $root /newroot || { echo "hearth initramfs: cannot mount $root"; /bin/busybox poweroff -f; }
+fail() { echo "hearth initramfs: $1"; /bin/busybox poweroff -f; }
+/bin/busybox mount -t ext4 -o ro,noload $root /lower || fail "cannot mount $root"
+/bin/busybox mount -t tmpfs -o mode=0755 tmpfs /rw && /bin/busybox mkdir /rw/upper /rw/work || fail "no tmpfs"
+/bin/busybox mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
+    || fail "cannot mount the overlay root"
 /bin/busybox umount /proc /sys
 /bin/busybox mount --move /dev /newroot/dev
 exec /bin/busybox switch_root /newroot /opt/hearth/venv/bin/python3 -S /opt/hearth/guest/agent.py

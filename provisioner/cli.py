@@ -48,8 +48,8 @@ def main() -> None:
 def up(
     nodes: Annotated[int, typer.Option(help="How many nodes.")] = 2,
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (local backend: Ray sees fake ones).")] = 0,
-    backend: Annotated[Optional[str], typer.Option(help="local or cloud-hypervisor (default: local, or "
-                                                   "cloud-hypervisor with --hosts).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="local, cloud-hypervisor or qemu (default: local, "
+                                                   "or cloud-hypervisor with --hosts).")] = None,
     hosts: Annotated[Optional[Path], typer.Option(help="Hosts inventory (YAML).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Guest image directory (VM backends).")] = None,
     cpus: Annotated[int, typer.Option(help="CPUs per node.")] = 1,

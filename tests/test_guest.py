@@ -144,7 +144,7 @@ def test_a_vmm_that_fails_at_start_fails_the_node_and_leaves_nothing(tmp_path, r
     states = [e["state"] for e in run.summary()["nodes"][0]["events"]]
     assert states[-3:] == ["failed", "stopping", "stopped"] and states.count("vmm_started") == 0
     assert not _qemus(str(run_dir)) and not _taps()
-    assert not list((run_dir / "run").rglob("*.qcow2")) and not list((run_dir / "run" / "vms").iterdir())
+    assert not list((run_dir / "run" / "vms").iterdir())
 
 
 def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(request, tmp_path, bridge, image):
@@ -175,16 +175,17 @@ def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(reque
     script.write_text(
         "import ray\nray.init()\n"
         "ids = sorted(n['Labels']['hearth.io/node'] for n in ray.nodes() if n['Alive'] and 'hearth.io/node' in n['Labels'])\n"
+        "root = lambda: [line.split()[2] for line in open('/proc/mounts') if line.split()[1] == '/'][-1]\n"
         "where = ray.remote(num_cpus=1)(lambda: (ray.get_runtime_context().get_node_labels()['hearth.io/node'],"
-        " open('/etc/hostname').read().strip()))\n"
+        " open('/etc/hostname').read().strip(), root()))\n"
         "print('ran on', ray.get([where.options(label_selector={'hearth.io/node': i}).remote() for i in ids]))\n")
     started = time.monotonic()
     job = subprocess.run([HEARTH, "job", "submit", "--name", name, "--", "python", str(script)],
                          capture_output=True, text=True, env=env, timeout=400)
     job_s = time.monotonic() - started
     assert job.returncode == 0, job.stdout + job.stderr
-    # each task ran inside its own VM (the image's hostname), on the node its label names
-    assert f"ran on [('{name}-0', 'hearth-guest'), ('{name}-1', 'hearth-guest')]" in job.stdout
+    # each task ran inside its own VM (the image's hostname, an overlay root), on the node its label names
+    assert f"ran on [('{name}-0', 'hearth-guest', 'overlay'), ('{name}-1', 'hearth-guest', 'overlay')]" in job.stdout
 
     assert len(_qemus(str(run_dir))) == 2 and len(_taps()) == 2
     os.kill(state["pid"], signal.SIGKILL)
@@ -200,7 +201,10 @@ def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(reque
         assert "powering off: the host end has been gone for 10 s" in serial
     # nothing left: no VMM, tap, disk layer, Ray process of this cluster; the node directories keep their logs
     assert not _taps()
-    assert not list(run_dir.rglob("*.qcow2")) and not list(run_dir.rglob("qemu.pid"))
+    left = {p.name for p in (run_dir / "vms").rglob("*") if not p.is_dir()}
+    assert left <= {"serial.log", "qemu.log", "channel.sock"}, f"a node left more than its logs: {left}"
+    manifest = json.loads((image / "manifest.json").read_text())  # the shared disk was read-only to every guest
+    assert hashlib.sha256((image / "rootfs.img").read_bytes()).hexdigest() == manifest["files"]["rootfs.img"]
     ray_left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     assert not ray_left, f"processes of the dead cluster are left: {ray_left}"
     status = subprocess.run([HEARTH, "status", "--name", name], capture_output=True, text=True, env=env)
@@ -241,6 +245,6 @@ def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, bridge, im
     gone_s = time.monotonic() - killed
     assert not _qemus(str(run_dir)), "VMs outlived their controller, killed while they ran `ray start`"
     _say(request, f"\ncontroller SIGKILLed during `ray start` -> both VMs powered off in {gone_s:.1f} s")
-    assert not _taps() and not list(run_dir.rglob("*.qcow2"))
+    assert not _taps()
     assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     subprocess.run(["rm", "-rf", str(run_dir)])

@@ -1,19 +1,20 @@
 """The `qemu` backend: real VMs booting the guest image with `qemu-system-x86_64`, on this machine.
 
 For hosts without cloud-hypervisor, and for CI, which proves the guest image boots and joins Ray for real.
-KVM where it works, else TCG (software emulation); direct kernel boot; the image's root filesystem shared
-read-only under a per-node qcow2 layer that takes the writes; a tap on the cluster bridge (QEMU makes it,
-so it goes when QEMU goes); the guest channel on a virtio-serial port named hearth.channel (QEMU connects
-to this controller's Unix socket, as CH's vsock does); QMP for control. No GPUs: those need VFIO under
+KVM where it works, else TCG (software emulation); direct kernel boot; the image's root filesystem on a
+read-only disk shared by every node, as under Cloud Hypervisor (the guest's initramfs puts the node's
+writable layer over it, in the guest's memory); a tap on the cluster bridge (QEMU makes it, so it goes when
+QEMU goes); the guest channel on a virtio-serial port named hearth.channel (QEMU connects to this
+controller's Unix socket, as CH's vsock does); QMP for control. No GPUs: those need VFIO under
 cloud-hypervisor.
 
-A node's start: overlay, guest channel, QEMU -> QMP answers (vmm_started, booting) -> the guest agent's
-hello (guest_up) -> its ready after `ray start` (ray_joined). Stop: "stop" on the channel (the guest powers
-off), ACPI power button, QMP quit, SIGTERM, SIGKILL; then the node's directory goes.
+A node's start: guest channel, QEMU -> QMP answers (vmm_started, booting) -> the guest agent's hello
+(guest_up) -> its ready after `ray start` (ray_joined). Stop: "stop" on the channel (the guest powers off),
+ACPI power button, QMP quit, SIGTERM, SIGKILL; then the node's directory goes.
 
 QEMU is not tied to this process: when the controller dies, each guest sees its channel go quiet and
-powers itself off after `reconnect_s` (the guest agent's dead man's switch); QEMU then exits and its tap
-goes with it.
+powers itself off after `reconnect_s` (the guest agent's dead man's switch); QEMU then exits, and its tap
+goes with it. Nothing of the node is on the host's disk but its directory of logs and sockets.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class QemuBackend:
             raise SpecError("the qemu backend passes no GPUs through; use cloud-hypervisor for GPU nodes")
         if len(hosts) != 1 or hosts[0].address != "local":
             raise SpecError("the qemu backend runs VMs on this machine: give one host, address: local")
-        if shutil.which(QEMU) is None or shutil.which("qemu-img") is None:
-            raise SpecError(f"{QEMU} or qemu-img not found: apt-get install qemu-system-x86 qemu-utils")
+        if shutil.which(QEMU) is None:
+            raise SpecError(f"{QEMU} not found: apt-get install qemu-system-x86")
         network = hosts[0].network
         self.gateway = _gateway(network)
         if ipaddress.ip_address(head_host) != self.gateway.ip:
@@ -169,13 +170,6 @@ class QemuVm:
             raise
 
     async def _start(self) -> None:
-        overlay = self.dir / "disk.qcow2"
-        made = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str((self.image / "rootfs.img").resolve()), "-F", "raw",
-            str(overlay), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await made.communicate()
-        if made.returncode != 0:
-            raise VmmError(f"qemu-img could not make the node's disk layer: {output.decode().strip()}")
         self.channel = GuestChannel(self.dir / "channel.sock", self.guest, self._on_guest)
         await self.channel.start()
         argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -183,7 +177,7 @@ class QemuVm:
                 "-smp", str(self.cpus), "-m", str(self.memory_mib),
                 "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
                 "-append", "console=ttyS0 panic=-1 quiet",
-                "-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+                "-drive", f"file={self.image / 'rootfs.img'},if=virtio,format=raw,readonly=on",
                 "-device", "virtio-serial-pci",
                 "-chardev", f"socket,id=channel,path={self.channel.path},reconnect=1",
                 "-device", "virtserialport,chardev=channel,name=hearth.channel",
@@ -202,10 +196,7 @@ class QemuVm:
         log.close()
         self._watcher = asyncio.create_task(self._watch())
         await self._qmp_ready()
-        # QEMU holds the layer open from here, and has made its tap: unlinked now, the layer goes when QEMU
-        # goes, even if this process is killed and nobody is left to clean up.
-        overlay.unlink()
-        ifup.unlink()
+        ifup.unlink()  # QEMU has made the tap by now
         self.tracker.transition(NodeState.vmm_started, f"qemu pid {self.process.pid}, {self.accel}")
         self.tracker.transition(NodeState.booting)
         self._started = True
