@@ -97,16 +97,19 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=
     with tempfile.TemporaryDirectory(prefix="hearth-guest-", dir=out) as tmp:
         work = Path(tmp)
         say(f"kernel {inputs['kernel']} ...")
-        modules = _kernel(work, out / "vmlinuz")
+        modules = _kernel(work, work / "vmlinuz")
         say("initramfs ...")
-        _initramfs(work, modules, out / "initrd.img")
+        _initramfs(work, modules, work / "initrd.img")
         say(f"root filesystem: debootstrap {SUITE}, Python, ray=={ray_version} ...")
         _rootfs(work / "root", ray_version, constraints)
         say("rootfs.img ...")
-        _ext4(work / "root", out / "rootfs.img")
-    files = {name: _sha256(out / name) for name in ("vmlinuz", "initrd.img", "rootfs.img")}
-    manifest = {"key": key, "inputs": inputs, "files": files, "built_s": round(time.monotonic() - started, 1)}
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        _ext4(work / "root", work / "rootfs.img")
+        files = {name: _sha256(work / name) for name in ("vmlinuz", "initrd.img", "rootfs.img")}
+        manifest = {"key": key, "inputs": inputs, "files": files, "built_s": round(time.monotonic() - started, 1)}
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        # Only a finished build replaces the files (VMs that run the old ones keep theirs open); manifest last.
+        for name in (*files, "manifest.json"):
+            os.replace(work / name, out / name)
     say(f"guest image in {out} ({manifest['built_s']} s)")
     return manifest
 
@@ -230,10 +233,10 @@ def _mirror() -> str:
 
 def _ext4(root: Path, image: Path) -> None:
     used = int(subprocess.run(["du", "-sxm", str(root)], capture_output=True, text=True, check=True).stdout.split()[0])
-    size = int(used * 1.2) + 256
+    size = int(used * 1.1) + 64  # every VM mounts it read-only: room for the files and ext4's own, no more
     image.unlink(missing_ok=True)
-    _sh(["mkfs.ext4", "-q", "-F", "-L", "hearth-root", "-d", str(root), "-E", "root_owner=0:0", str(image), f"{size}M"],
-        "mkfs.ext4")
+    _sh(["mkfs.ext4", "-q", "-F", "-L", "hearth-root", "-O", "^has_journal", "-d", str(root), "-E", "root_owner=0:0",
+         str(image), f"{size}M"], "mkfs.ext4")
 
 
 def _sh(argv: list[str], what: str, cwd: Path | None = None) -> None:
