@@ -1,7 +1,8 @@
 """The guest side for real: `hearth guest build`, the guest agent, and the qemu backend booting real VMs that
 join a real Ray head. QEMU runs under TCG (software emulation) here: this machine's /dev/kvm runs only
-para-virtualised guests. The image is built from Debian packages and PyPI into HEARTH_TEST_IMAGE (default
-/var/cache/hearth/test-guest-image) and reused while its inputs are unchanged."""
+para-virtualised guests. The image is built from Debian packages and PyPI: in CI (CI=true) from scratch on
+every run, elsewhere into HEARTH_TEST_IMAGE (default /var/cache/hearth/test-guest-image), reused while its
+inputs are unchanged."""
 
 from __future__ import annotations
 
@@ -57,22 +58,26 @@ def _taps() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def image(request):
+def image(request, tmp_path_factory):
+    fresh = os.environ.get("CI") == "true"
+    out = tmp_path_factory.mktemp("guest-image") if fresh else IMAGE
     started = time.monotonic()
-    built = subprocess.run([HEARTH, "guest", "build", "--out", str(IMAGE)], capture_output=True, text=True, timeout=1200)
+    built = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert built.returncode == 0, built.stdout + built.stderr
     took = time.monotonic() - started
-    manifest = json.loads((IMAGE / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     for name, digest in manifest["files"].items():
-        assert hashlib.sha256((IMAGE / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
     started = time.monotonic()
-    again = subprocess.run([HEARTH, "guest", "build", "--out", str(IMAGE)], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
     reused = "reused" in built.stdout
-    _say(request, f"\nguest image {IMAGE}: {'reused' if reused else 'built'} in {took:.1f} s "
+    _say(request, f"\nguest image {out}: {'reused' if reused else 'built'} in {took:.1f} s "
                   f"(a build from scratch took {manifest['built_s']} s); a rebuild with the same inputs: "
-                  f"{time.monotonic() - started:.1f} s; rootfs {(IMAGE / 'rootfs.img').stat().st_size >> 20} MiB")
-    return IMAGE
+                  f"{time.monotonic() - started:.1f} s; rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+    yield out
+    if fresh:
+        subprocess.run(["rm", "-rf", str(out)])
 
 
 @pytest.fixture(scope="module")
