@@ -97,9 +97,9 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=
     with tempfile.TemporaryDirectory(prefix="hearth-guest-", dir=out) as tmp:
         work = Path(tmp)
         say(f"kernel {inputs['kernel']} ...")
-        modules = _kernel(work, work / "vmlinuz")
+        modules = _kernel(inputs["kernel"], work, work / "vmlinuz")
         say("initramfs ...")
-        _initramfs(work, modules, work / "initrd.img")
+        _initramfs(inputs["busybox"], work, modules, work / "initrd.img")
         say(f"root filesystem: debootstrap {SUITE}, Python, ray=={ray_version} ...")
         _rootfs(work / "root", ray_version, constraints)
         say("rootfs.img ...")
@@ -139,9 +139,9 @@ def _download(package: str, into: Path) -> Path:
     return extracted
 
 
-def _kernel(work: Path, vmlinuz: Path) -> list[Path]:
+def _kernel(package: str, work: Path, vmlinuz: Path) -> list[Path]:
     """vmlinuz, and the early modules with everything they depend on, in load order."""
-    tree = _download(_kernel_package(), work / "kernel")
+    tree = _download(package, work / "kernel")
     (image,) = (tree / "boot").glob("vmlinuz-*")
     shutil.copy(image, vmlinuz)
     by_name = {p.stem.replace("-", "_"): p for p in (tree / "lib/modules").rglob("*.ko")}
@@ -162,8 +162,8 @@ def _kernel(work: Path, vmlinuz: Path) -> list[Path]:
     return ordered
 
 
-def _initramfs(work: Path, modules: list[Path], initrd: Path) -> None:
-    busybox = _download(_package_version("busybox-static"), work / "busybox") / "bin/busybox"
+def _initramfs(busybox_package: str, work: Path, modules: list[Path], initrd: Path) -> None:
+    busybox = _download(busybox_package, work / "busybox") / "bin/busybox"
     entries = [("bin", None, 0o40755), ("modules", None, 0o40755), ("bin/busybox", busybox.read_bytes(), 0o100755),
                ("init", INIT.encode(), 0o100755),
                ("modules.order", "\n".join(m.stem for m in modules).encode() + b"\n", 0o100644)]

@@ -10,7 +10,8 @@ cloud-hypervisor.
 
 A node's start: guest channel, QEMU -> QMP answers (vmm_started, booting) -> the guest agent's hello
 (guest_up) -> its ready after `ray start` (ray_joined). Stop: "stop" on the channel (the guest powers off),
-ACPI power button, QMP quit, SIGTERM, SIGKILL; then the node's directory goes.
+QMP quit, SIGTERM, SIGKILL; then the node's directory goes. No ACPI power button: nothing in the guest
+(the guest agent is PID 1) would hear it.
 
 QEMU is not tied to this process: when the controller dies, each guest sees its channel go quiet and
 powers itself off after `reconnect_s` (the guest agent's dead man's switch); QEMU then exits, and its tap
@@ -282,8 +283,7 @@ class QemuVm:
     async def _shut_down(self, grace: float) -> None:
         steps = []
         if grace > 0:
-            steps += [(lambda: self.channel.send({"op": "stop"}), grace),
-                      (lambda: self.qmp("system_powerdown"), min(grace, 5.0))]
+            steps.append((lambda: self.channel.send({"op": "stop"}), grace))
         steps.append((lambda: self.qmp("quit"), 2.0))
         for step, wait in steps:
             with contextlib.suppress(OSError, VmmError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError):
