@@ -8,8 +8,9 @@ Start, in order (any failure stops what was started, removes what was made, and 
     4. wait for the socket, `vmm.ping`, check the version                -> vmm_started
     5. `vm.create`, then `vm.boot` with its long timeout                  -> booting
     6. the guest says hello on the guest channel                          -> guest_up
-Stop, in steps, each bounded: power button and wait (the guest shuts down cleanly), `vm.shutdown`,
-`vmm.shutdown`, SIGTERM, SIGKILL; then sockets, lock, scratch disk, tap (logs only on request).
+Stop, in steps, each bounded: "stop" on the guest channel and the power button, and wait (the guest
+powers off cleanly), `vm.shutdown`, `vmm.shutdown`, SIGTERM, SIGKILL; then sockets, lock, scratch disk,
+tap (logs only on request).
 A process that ends by itself is noticed at once: a guest poweroff stops the node, anything else fails it.
 
 A controller's VMMs die with it (PR_SET_PDEATHSIG). The host agent's outlive it (`tied_to_parent=False`),
@@ -268,10 +269,16 @@ class ChVm:
         self.tracker.transition(state, detail)
 
     # -- stop, step by step ----------------------------------------------------------------------
+    async def _ask_guest_to_stop(self) -> None:
+        """The guest agent powers off on the channel's "stop"; the power button is for guests without one."""
+        if self.channel is not None:
+            await self.channel.send({"op": "stop"})
+        await self.client.power_button()
+
     async def _shut_down(self, grace: float) -> None:
         steps = []
         if grace > 0:
-            steps.append((self.client.power_button, grace))
+            steps.append((self._ask_guest_to_stop, grace))
         steps += [(self.client.shutdown, 0), (self.client.shutdown_vmm, 2.0)]
         for call, wait in steps:
             with contextlib.suppress(VmmError, asyncio.TimeoutError):  # a hung API must not hold us up
