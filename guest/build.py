@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provisioner.errors import HearthError
+from provisioner.errors import BuildError
 
 SUITE = "bookworm"
 PYTHON = (3, 11)  # bookworm's python3
@@ -58,10 +58,6 @@ fail() { echo "hearth initramfs: $1"; /bin/busybox poweroff -f; }
 /bin/busybox mount --move /dev /newroot/dev
 exec /bin/busybox switch_root /newroot /opt/hearth/venv/bin/python3 -S /opt/hearth/guest/agent.py
 """
-
-
-class BuildError(HearthError):
-    pass
 
 
 def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=print) -> dict:

@@ -9,7 +9,7 @@ __all__ = ["Cluster", "Pool"]
 def __getattr__(name: str):
     # Imported on first use, so that `hearth vfio ...` does not load Ray and the widgets.
     if name == "Cluster":
-        from provisioner.notebook import Cluster
+        from provisioner.cluster import Cluster
 
         return Cluster
     if name == "Pool":

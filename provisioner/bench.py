@@ -28,9 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from provisioner.agent.server import spawn
-from provisioner.cluster import ClusterRun, default_work_dir
+from provisioner.run import ClusterRun, default_work_dir
 from provisioner.events import NodeState
-from provisioner.spec import Host, Inventory, cluster_spec
+from provisioner.spec import cluster_spec
+from provisioner.hosts import Host, Inventory
 
 app = typer.Typer(help="Benchmarks that print figures and ratios.", no_args_is_help=True)
 STANDIN = str(Path(sys.executable).with_name("cloud-hypervisor-standin"))

@@ -19,7 +19,8 @@ from rich.table import Table
 
 from provisioner.errors import HearthError, SpecError
 from provisioner.progress import ProgressLine, profile_table
-from provisioner.spec import cluster_spec, default_backend, load_inventory
+from provisioner.spec import cluster_spec, default_backend
+from provisioner.hosts import load_inventory
 from provisioner.supervisor import alive, read_state, state_root
 from vfio.cli import app as vfio_app
 
@@ -163,7 +164,7 @@ def status(name: NameOption = DEFAULT_NAME, json_output: Annotated[bool, typer.O
 def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) -> None:
     """The main job on the embedded default: boot a local cluster, run a Ray job on it, print each node's
     boot profile, tear it down."""
-    from provisioner.cluster import ClusterRun, default_work_dir
+    from provisioner.run import ClusterRun, default_work_dir
     from provisioner.jobs import follow
 
     spec = cluster_spec(nodes=nodes, name=f"demo-{os.getpid()}")

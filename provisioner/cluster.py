@@ -1,163 +1,195 @@
-"""One cluster's life, asynchronously: its Ray head, its backend and its boot engine, and a summary of it.
+"""`Cluster`: a GPU cluster in a notebook cell.
 
-The notebook `Cluster` and the `hearth up` supervisor are thin fronts over `ClusterRun`.
+    with Cluster(nodes=4, gpus_per_node=1) as cluster:   # boots at once, shows itself, waits on enter
+        ray.get([train.remote(cfg) for cfg in configs])  # Ray is connected in this kernel once ready
+
+A thin synchronous front over `ClusterRun`, driven on hearth's background loop (see loop.py), so a cell
+never awaits. In Jupyter it displays a live widget; elsewhere a progress line. When the kernel dies without
+running any cleanup, the nodes still end: local node processes and the Ray head die with this process
+(PR_SET_PDEATHSIG), and VM guests power off when their guest channel's host end goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
+import atexit
+import json
+import weakref
 from pathlib import Path
 from typing import Any
 
-from provisioner.backends import Backend
-from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
-from provisioner.backends.local import LocalBackend
-from provisioner.backends.qemu import QemuBackend
-from provisioner.engine import Engine, NodeRecord
-from provisioner.errors import HearthError, SpecError
-from provisioner.events import NodeState, OnEvent
-from provisioner.ray_head import RayHead
-from provisioner.spec import ClusterSpec, Host, Inventory
+from provisioner import loop
+from provisioner.run import ClusterRun, default_work_dir
+from provisioner.events import NodeEvent
+from provisioner.progress import ProgressLine
+from provisioner.spec import cluster_spec, default_backend
+from provisioner.hosts import load_inventory
+from provisioner.files import write_atomic
+from provisioner.supervisor import state_root
+from provisioner.widget import LiveView, in_notebook, summary_html
+
+_open: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
-# The longest socket Ray makes under it: <dir>/n/1023/session_2026-11-27_06-01-47_722129_21163/sockets/plasma_store
-MAX_WORK_DIR = 107 - len("/n/1023/session_2026-11-27_06-01-47_722129_4194304/sockets/plasma_store")
+class Cluster:
+    def __init__(self, nodes: int = 2, gpus_per_node: int = 0, *, gpu_type: str | None = None, backend: str | None = None,
+                 hosts: str | Path | None = None, image: str | Path | None = None, cpus: int = 1,
+                 memory_gib: int = 4, boot_timeout: float = 300.0, min_nodes: int | None = None,
+                 labels: dict[str, str] | None = None, env: dict[str, str] | None = None, name: str = "",
+                 connect: bool = True, show: bool = True) -> None:
+        """Validate (errors before anything starts), then start booting and show progress."""
+        spec = cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, gpu_type=gpu_type,
+                            backend=default_backend(backend, hosts),
+                            image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
+                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name)
+        inventory = load_inventory(Path(hosts)) if hosts else None
+        self.name = spec.name
+        self._connect = connect
+        self._connected = False
+        self._watching = 0  # while > 0, _watched redraws four times a second; else each event does
+        self._state_dir = state_root() / spec.name
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
+        self._view = LiveView(self._run.summary) if show and in_notebook() else None
+        self._line = ProgressLine(spec.nodes) if show and self._view is None else None
+        if self._view is not None:
+            from IPython.display import display
 
+            display(self._view.widget)
+        elif self._line is not None:
+            self._line.__enter__()
+        self._boot = loop.submit(self._up())
+        _open.add(self)
 
-class ClusterRun:
-    def __init__(self, spec: ClusterSpec, work_dir: Path, *, inventory: Inventory | None = None,
-                 on_event: OnEvent | None = None, standin: StandinSettings | None = None,
-                 with_ray: bool = True, lease_s: float = 30.0) -> None:
-        """`with_ray=False` boots nodes without a Ray head, ready when the guest says it joined: only for
-        stand-in VMMs whose guests run no Ray (benchmarks of the control plane)."""
-        self.spec = spec
-        self.work_dir = work_dir
-        self.on_event = on_event
-        if len(str(work_dir)) > MAX_WORK_DIR:
-            raise SpecError(f"run directory {work_dir} is longer than {MAX_WORK_DIR} characters: Ray's Unix sockets "
-                            "under it would pass the 107-byte limit. Set HEARTH_RUN_DIR to a shorter path")
-        self.head = RayHead(work_dir, host=inventory.head_host if inventory else "127.0.0.1") if with_ray else None
-        hosts = inventory.hosts if inventory else [Host(name="local")]
-        self.backend: Backend
-        if spec.backend == "local":
-            self.backend = LocalBackend(work_dir / "n")
-        elif spec.backend == "qemu":
-            self.backend = QemuBackend(spec, hosts, work_dir / "vms", inventory.head_host if inventory else "127.0.0.1")
-        else:
-            self.backend = CloudHypervisorBackend(spec, hosts, work_dir, standin=standin, lease_s=lease_s)
-        self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts],
-                             on_event=on_event, verify_ray=with_ray,
-                             host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
-        self.status = "new"
-        self.error: str | None = None
-        self._scaling = asyncio.Lock()
-        self._adaptive: asyncio.Task | None = None
-
-    async def up(self) -> list[NodeRecord]:
-        self.status = "booting"
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+    # -- the verbs ---------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> Cluster:
+        """Block until the cluster is ready (or raise why it is not); then Ray is connected here."""
         try:
-            self.engine.offer(await self.backend.open())
-            self.engine.plan()  # short capacity fails here, before the head or any node starts
-            if self.head is not None:
-                await self.head.start()
-            ready = await self.engine.up()
-        except BaseException as error:
-            cancelled = isinstance(error, asyncio.CancelledError)
-            self.status, self.error = "failed", "cancelled" if cancelled else str(error) or type(error).__name__
-            await self.down(keep_status=True)
-            raise
-        self.status = "ready"
-        return ready
+            self._boot.result(timeout)
+        finally:
+            if self._boot.done() and self._line is not None:
+                self._line.__exit__(None, None, None)
+                self._line = None
+        if self._connect and not self._connected:
+            import ray
 
-    async def scale(self, nodes: int) -> None:
-        """Grow or shrink to `nodes` nodes (the newest go first). Calls are serialised, so the last wins."""
-        async with self._scaling:
-            live = [r for r in self.engine.nodes.values() if r.history.state not in (NodeState.stopping, NodeState.stopped)]
-            if nodes > len(live):
-                await self.engine.add(nodes - len(live))
-            elif nodes < len(live):
-                newest_first = sorted(live, key=lambda r: (r.ready, -int(r.node_id.rsplit("-", 1)[1])))
-                await self.engine.remove([r.node_id for r in newest_first[:len(live) - nodes]])
+            self._run.head.use_in_this_process()
+            if not ray.is_initialized():
+                ray.init(address=self._run.head.address, logging_level="ERROR")
+                self._connected = True
+        return self
 
-    def adapt(self, minimum: int, maximum: int, idle_shutdown_after: float = 60.0, interval: float = 2.0) -> None:
-        """Keep between `minimum` and `maximum` nodes: add nodes while Ray has work waiting for resources, stop
-        nodes idle for `idle_shutdown_after` seconds (to zero when `minimum` is 0). Replaces an earlier adapt."""
-        if self._adaptive is not None:
-            self._adaptive.cancel()
-        self._adaptive = asyncio.get_running_loop().create_task(
-            self._adapt(minimum, maximum, idle_shutdown_after, interval))
+    def scale(self, nodes: int) -> Cluster:
+        """Grow or shrink to `nodes` nodes; returns once the new nodes are ready or have failed."""
+        self.wait()
+        loop.run(self._watched(self._run.scale(nodes)))
+        return self
 
-    async def _adapt(self, minimum: int, maximum: int, idle_after: float, interval: float) -> None:
-        from ray.autoscaler.v2.sdk import get_cluster_status
+    def adapt(self, minimum: int = 0, maximum: int = 64, idle_shutdown_after: float = 60.0) -> Cluster:
+        """Scale with the work: nodes are added while Ray tasks wait for resources, and a node idle for
+        `idle_shutdown_after` seconds is stopped, down to `minimum` (0: scale to zero)."""
+        self.wait()
 
-        while True:
-            live = [r for r in self.engine.nodes.values() if r.history.state not in (NodeState.stopping, NodeState.stopped)]
-            try:
-                status = await asyncio.to_thread(get_cluster_status, self.head.address)
-            except Exception:  # the head is busy or restarting: decide next time
-                await asyncio.sleep(interval)
-                continue
-            waiting = sum(b.count for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count)
-            idle = [n.labels.get("hearth.io/node") for n in status.idle_nodes
-                    if n.labels and n.resource_usage and n.resource_usage.idle_time_ms >= idle_after * 1000]
-            if len(live) < minimum or (waiting and len(live) < maximum):
-                await self.scale(min(maximum, max(minimum, len(live) + waiting)))
-            elif idle and len(live) > minimum:
-                victims = [n for n in idle if n in self.engine.nodes][:len(live) - minimum]
-                async with self._scaling:
-                    await self.engine.remove(victims)
-            await asyncio.sleep(interval)
+        async def start() -> None:
+            self._run.adapt(minimum, maximum, idle_shutdown_after)
 
-    async def down(self, keep_status: bool = False) -> None:
-        if self._adaptive is not None:
-            self._adaptive.cancel()
-        await self.engine.down()
-        await self.backend.close()
-        if self.head is not None:
-            await self.head.stop()
-        shutil.rmtree(self.work_dir / "n", ignore_errors=True)
-        if not keep_status:
-            self.status = "stopped"
+        loop.run(start())
+        return self
 
     def submit_job(self, entrypoint: str, runtime_env: dict[str, Any] | None = None, **options: Any) -> str:
-        """Submit a Ray job (Ray's JobSubmissionClient, with this cluster's token); returns its id."""
-        return self.job_client().submit_job(entrypoint=entrypoint, runtime_env=runtime_env, **options)
+        """Submit a Ray job to the cluster (JobSubmissionClient); returns its id."""
+        self.wait()
+        return self._run.submit_job(entrypoint, runtime_env, **options)
 
     def job_client(self):
-        from provisioner.jobs import job_client
+        self.wait()
+        return self._run.job_client()
 
-        if self.head is None or self.status != "ready":
-            raise HearthError(f"cluster {self.spec.name} is {self.status}: jobs need a ready cluster with Ray")
-        return job_client(self.head.dashboard_url, self.head.token)
+    def logs(self, node: str) -> str:
+        """A node's console: a VM's serial log, or a local node's `ray start` output."""
+        record = self._run.engine.nodes[node]
+        process = record.process
+        serial = getattr(process, "serial_log", None)
+        if serial is not None:
+            return serial.read_text(errors="replace") if serial.exists() else ""
+        return "\n".join(getattr(process, "output", []))
 
-    def summary(self) -> dict[str, Any]:
-        """What `hearth status`, the widget and the status page show (JSON-able; no secrets)."""
-        engine = self.engine
-        return {
-            "name": self.spec.name, "backend": self.spec.backend, "status": self.status, "error": self.error,
-            "pid": os.getpid(), "nodes_asked": self.spec.nodes, "min_nodes": self.spec.required_nodes,
-            "started_at": engine.started_at, "ready_at": engine.ready_at,
-            "ray": {"address": self.head.address, "dashboard": self.head.dashboard_url} if self.head else None,
-            "nodes": [_node_summary(r) for r in engine.nodes.values()],
-        }
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        """Each node: id, host, GPUs, state, Ray node id, attempts, errors, boot profile, events."""
+        return self._run.summary()["nodes"]
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return self._run.head.dashboard_url if self._run.head else None
+
+    @property
+    def status(self) -> str:
+        return self._run.status
+
+    def close(self) -> None:
+        """Stop every node and the Ray head. Idempotent; also runs at interpreter exit."""
+        if self._connected:
+            import ray
+
+            ray.shutdown()
+            self._connected = False
+        if not self._boot.done():
+            self._boot.cancel()
+        loop.run(self._watched(self._run.down()))
+        if self._line is not None:
+            self._line.__exit__(None, None, None)
+            self._line = None
+        _open.discard(self)
+
+    def __enter__(self) -> Cluster:
+        return self.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _repr_html_(self) -> str:
+        return summary_html(self._run.summary())
+
+    def __repr__(self) -> str:
+        summary = self._run.summary()
+        ready = sum(n["state"] == "ready" for n in summary["nodes"])
+        return f"<hearth.Cluster {self.name}: {summary['status']}, {ready}/{len(summary['nodes'])} nodes ready>"
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    async def _up(self) -> None:
+        await self._watched(self._run.up())
+
+    async def _watched(self, work) -> Any:
+        """Run `work` while redrawing the live view and recording state for `hearth status`/the page."""
+        task = asyncio.ensure_future(work)
+        self._watching += 1
+        try:
+            while not task.done():
+                self._redraw()
+                await asyncio.wait({task}, timeout=0.25)
+            return task.result()
+        finally:
+            self._watching -= 1
+            self._redraw()
+
+    def _on_event(self, event: NodeEvent) -> None:
+        if self._line is not None:
+            self._line.update(event)
+        if not self._watching:  # a change outside a boot or scale (adapt, a node dying): show it
+            self._redraw()
+
+    def _redraw(self) -> None:
+        if self._view is not None:
+            self._view.redraw()
+        write_atomic(self._state_dir / "state.json", json.dumps(self._run.summary(), indent=1))
 
 
-def _node_summary(record: NodeRecord) -> dict[str, Any]:
-    history = record.history
-    last = history.events[-1] if history.events else None
-    return {
-        "id": record.node_id, "host": record.placement.host, "gpus": [g.address for g in record.placement.gpus],
-        "state": last.state.value if last else "new", "detail": last.detail if last else None,
-        "since": last.at if last else None, "ray_node_id": record.ray_node_id, "attempts": len(record.attempts),
-        "errors": record.errors, "profile": history.profile(),
-        "guest_profile": dict(getattr(record.process, "guest_profile", {})),
-        "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events],
-    }
-
-
-def default_work_dir(name: str) -> Path:
-    """Short, because Unix socket paths under it must fit in 107 bytes."""
-    return Path(os.environ.get("HEARTH_RUN_DIR", "/tmp/hearth")) / name
+@atexit.register
+def _close_all() -> None:
+    """A backstop: clusters still open when the interpreter exits normally are closed."""
+    for cluster in list(_open):
+        try:
+            cluster.close()
+        except Exception:  # noqa: BLE001 (exiting anyway)
+            pass

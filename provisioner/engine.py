@@ -20,18 +20,14 @@ from dataclasses import dataclass, field
 import httpx
 
 from provisioner.backends import Backend, JoinInfo, NodeProcess
-from provisioner.errors import HearthError
+from provisioner.errors import BootError, HearthError, PlacementError
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
-from provisioner.placement import GpuSlot, NodePlacement, PlacementError, place
+from provisioner.placement import GpuSlot, NodePlacement, place
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec
 
 NODE_LABEL = "hearth.io/node"
 ATTEMPT_LABEL = "hearth.io/attempt"  # a retried node's first Ray node may linger ALIVE for a while
-
-
-class BootError(HearthError):
-    pass
 
 
 @dataclass

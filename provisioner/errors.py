@@ -1,15 +1,26 @@
-"""hearth's exceptions. Every message names what is wrong and how to fix it.
+"""hearth's exceptions, all in one tree. Every message names what is wrong and how to fix it.
 
-    HearthError
-    ├── HostRootError      a host path is missing or would leave the host root
-    ├── SpecError          bad input: an address, a driver name, a spec field (nothing was changed)
-    ├── VfioError          the host refused or failed a VFIO operation
-    │   ├── BindRefused    a safety check said no before anything was written
-    │   └── BindFailed     a write failed or timed out; the result says what was restored
-    └── VmmError           a cloud-hypervisor process failed, refused or stopped answering
-        ├── VmmApiError    the API answered with an error status (endpoint, status, CH's error chain)
-        ├── VmmTimeout     a call got no answer in time
-        └── VmmExited      the process ended (crash, guest poweroff) while we needed it
+    HearthError                the root (vfio/errors.py: vfio/ is the bottom layer and owns its part)
+    ├── SpecError              bad input: an address, a driver name, a spec field; nothing was changed  (vfio)
+    ├── HostRootError          a host path is missing or would leave the host root                      (vfio)
+    ├── VfioError              the host refused or failed a VFIO operation                              (vfio)
+    │   ├── BindRefused        a safety check said no before anything was written
+    │   └── BindFailed         a write failed or timed out; the result says what was restored
+    ├── PlacementError         not enough free GPUs where the nodes must go; says what is free where
+    ├── BootError              a cluster (or a pool's node) did not come up; nothing of it is left
+    ├── RayError               the cluster's Ray head did not start or answer
+    ├── InvalidTransition      a node state change the transition table forbids (a bug, not bad input)
+    ├── NetError               a tap could not be made or set up
+    ├── BuildError             `hearth guest build` failed
+    ├── VmmError               a VMM process failed, refused or stopped answering
+    │   ├── VmmApiError        the API answered with an error status (endpoint, status, CH's error chain)
+    │   ├── VmmTimeout         a call got no answer in time
+    │   └── VmmExited          the process ended (crash, guest poweroff) while we needed it
+    ├── AgentError             the host agent refuses a request; `status` is the HTTP status it answers
+    │   ├── LeaseConflict      409: a GPU or VM id is taken
+    │   └── VmNotFound         404: no such VM (or not that incarnation of it)
+    ├── AgentRefused           the controller's side of an AgentError: the host's words and status
+    └── AgentUnreachable       the controller cannot reach a host's agent (socket, SSH)
 """
 
 from __future__ import annotations
@@ -18,33 +29,39 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from vfio.errors import BindFailed, BindRefused, HearthError, HostRootError, SpecError, VfioError
+
+__all__ = ["HearthError", "SpecError", "HostRootError", "VfioError", "BindRefused", "BindFailed", "PlacementError",
+           "BootError", "RayError", "InvalidTransition", "NetError", "BuildError", "VmmError", "VmmApiError",
+           "VmmTimeout", "VmmExited", "AgentError", "LeaseConflict", "VmNotFound", "AgentRefused",
+           "AgentUnreachable", "validated"]
+
 M = TypeVar("M", bound=BaseModel)
 
 
-class HearthError(Exception):
-    """Base of every error hearth raises on purpose."""
-
-
-class HostRootError(HearthError):
+class PlacementError(HearthError):
     pass
 
 
-class SpecError(HearthError, ValueError):
+class BootError(HearthError):
     pass
 
 
-class VfioError(HearthError):
+class RayError(HearthError):
     pass
 
 
-class BindRefused(VfioError):
+class InvalidTransition(HearthError):
+    def __init__(self, node: str, old: Any, new: Any) -> None:
+        super().__init__(f"node {node}: {old.value} -> {new.value} is not a valid transition")
+
+
+class NetError(HearthError):
     pass
 
 
-class BindFailed(VfioError):
-    def __init__(self, message: str, result: object = None) -> None:
-        super().__init__(message)
-        self.result = result  # vfio.bind.Result: what happened to each device
+class BuildError(HearthError):
+    pass
 
 
 class VmmError(HearthError):
@@ -62,6 +79,30 @@ class VmmTimeout(VmmError):
 
 
 class VmmExited(VmmError):
+    pass
+
+
+class AgentError(HearthError):
+    status = 400
+
+
+class LeaseConflict(AgentError):
+    status = 409
+
+
+class VmNotFound(AgentError):
+    status = 404
+
+
+class AgentRefused(HearthError):
+    """The agent refused or failed a request; its words, with the host's name."""
+
+    def __init__(self, host: str, status: int, message: str) -> None:
+        super().__init__(f"host {host}: {message}")
+        self.status = status
+
+
+class AgentUnreachable(HearthError):
     pass
 
 

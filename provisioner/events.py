@@ -17,7 +17,7 @@ from enum import Enum
 
 from pydantic import BaseModel
 
-from provisioner.errors import HearthError, VmmError, VmmTimeout
+from provisioner.errors import InvalidTransition, VmmError, VmmTimeout
 
 
 class NodeState(str, Enum):
@@ -42,11 +42,6 @@ TRANSITIONS: dict[NodeState, set[NodeState]] = {
     NodeState.stopping: {NodeState.stopped, NodeState.failed},
     NodeState.stopped: set(),
 }
-
-
-class InvalidTransition(HearthError):
-    def __init__(self, node: str, old: NodeState, new: NodeState) -> None:
-        super().__init__(f"node {node}: {old.value} -> {new.value} is not a valid transition")
 
 
 class NodeEvent(BaseModel, frozen=True):

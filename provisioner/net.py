@@ -6,11 +6,7 @@ import ipaddress
 import json
 import subprocess
 
-from provisioner.errors import HearthError
-
-
-class NetError(HearthError):
-    pass
+from provisioner.errors import NetError
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:

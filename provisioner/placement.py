@@ -12,12 +12,8 @@ from collections import defaultdict
 
 from pydantic import BaseModel
 
-from provisioner.errors import HearthError
-from provisioner.spec import Host
-
-
-class PlacementError(HearthError):
-    pass
+from provisioner.errors import PlacementError
+from provisioner.hosts import Host
 
 
 class GpuSlot(BaseModel, frozen=True):

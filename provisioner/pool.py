@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import loop
-from provisioner.cluster import ClusterRun, default_work_dir
-from provisioner.engine import NODE_LABEL, BootError
-from provisioner.spec import cluster_spec, default_backend, load_inventory
+from provisioner.run import ClusterRun, default_work_dir
+from provisioner.engine import NODE_LABEL
+from provisioner.errors import BootError
+from provisioner.spec import cluster_spec, default_backend
+from provisioner.hosts import load_inventory
 
 
 class Pool:

@@ -25,12 +25,8 @@ from typing import Any
 
 import httpx
 
-from provisioner.errors import HearthError
+from provisioner.errors import RayError
 from provisioner.processes import die_with_parent, stop_process_group
-
-class RayError(HearthError):
-    pass
-
 
 def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
     """`count` distinct ports that were free a moment ago (bound together, so they differ)."""

@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from provisioner.cluster import ClusterRun, default_work_dir
+from provisioner.run import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
 from provisioner.files import write_atomic
-from provisioner.spec import ClusterSpec, load_inventory
+from provisioner.spec import ClusterSpec
+from provisioner.hosts import load_inventory
 
 
 def state_root() -> Path:

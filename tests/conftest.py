@@ -17,7 +17,7 @@ import pytest
 
 from provisioner.agent.server import spawn
 from provisioner.ch.api import ChClient
-from provisioner.spec import Host
+from provisioner.hosts import Host
 
 SENT: list[tuple[str, str, object]] = []
 ChClient.observers.append(lambda method, endpoint, body: SENT.append((method, endpoint, body)))

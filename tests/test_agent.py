@@ -21,11 +21,12 @@ import pytest
 
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
-from provisioner.cluster import ClusterRun
-from provisioner.engine import BootError
+from provisioner.run import ClusterRun
+from provisioner.errors import BootError
 from provisioner.net import tap_exists
-from provisioner.placement import PlacementError
-from provisioner.spec import HostNetwork, Inventory, cluster_spec
+from provisioner.errors import PlacementError
+from provisioner.spec import cluster_spec
+from provisioner.hosts import HostNetwork, Inventory
 from test_engine import processes_mentioning
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot

@@ -17,13 +17,15 @@ import pytest
 
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
-from provisioner.cluster import ClusterRun
-from provisioner.engine import BootError
+from provisioner.run import ClusterRun
+from provisioner.errors import BootError
 from provisioner.errors import SpecError
 from provisioner.events import NodeState
 from provisioner.ch.api import ChClient
-from provisioner.placement import GpuSlot, PlacementError, place
-from provisioner.spec import Inventory, cluster_spec, load_inventory
+from provisioner.errors import PlacementError
+from provisioner.placement import GpuSlot, place
+from provisioner.spec import cluster_spec
+from provisioner.hosts import Inventory, load_inventory
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
 

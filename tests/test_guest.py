@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.cluster import ClusterRun
+from provisioner.run import ClusterRun
 from provisioner.errors import HearthError, SpecError
-from provisioner.spec import Host, HostNetwork, Inventory, cluster_spec
+from provisioner.spec import cluster_spec
+from provisioner.hosts import Host, HostNetwork, Inventory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="images, taps and bridges need root: run the tests as root")
 HEARTH = str(Path(sys.executable).with_name("hearth"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from provisioner.errors import SpecError
+from vfio.errors import SpecError
 
 _ADDRESS = re.compile(
     r"(?:(?P<domain>[0-9a-f]{4}|[0-9a-f]{8}):)?(?P<bus>[0-9a-f]{2}):(?P<dev>[0-1][0-9a-f])\.(?P<fn>[0-7])"

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from provisioner.errors import BindFailed, BindRefused
+from vfio.errors import BindFailed, BindRefused
 from vfio.address import parse_address
 from vfio.holders import holders, nvidia_minor
 from vfio.hostroot import HostRoot

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from provisioner.errors import BindFailed, HearthError, SpecError
+from vfio.errors import BindFailed, HearthError, SpecError
 from vfio import render
 from vfio.address import parse_address, parse_driver
 from vfio.bind import TIMEOUT, apply, plan_bind, plan_unbind

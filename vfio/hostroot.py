@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from provisioner.errors import HostRootError
+from vfio.errors import HostRootError
 
 ENV_VAR = "HEARTH_HOST_ROOT"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from provisioner.errors import HostRootError
+from vfio.errors import HostRootError
 from vfio.address import parse_address, slot_of
 from vfio.hostroot import HostRoot
 from vfio.names import device_name

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from provisioner.errors import SpecError
+from vfio.errors import SpecError
 from vfio.address import parse_address
 from vfio.hostroot import HostRoot
 from vfio.pci import PciDevice

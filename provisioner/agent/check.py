@@ -16,7 +16,7 @@ from rich.table import Table
 
 from provisioner.agent.client import connect
 from provisioner.errors import HearthError
-from provisioner.spec import Host, Inventory
+from provisioner.hosts import Host, Inventory
 
 
 async def gather(inventory: Inventory, local_dir: Path) -> list[dict[str, Any]]:

@@ -18,20 +18,8 @@ from typing import Any
 
 import httpx
 
-from provisioner.errors import HearthError
-from provisioner.spec import Host
-
-
-class AgentRefused(HearthError):
-    """The agent refused or failed a request; its words, with the host's name."""
-
-    def __init__(self, host: str, status: int, message: str) -> None:
-        super().__init__(f"host {host}: {message}")
-        self.status = status
-
-
-class AgentUnreachable(HearthError):
-    pass
+from provisioner.errors import AgentRefused, AgentUnreachable
+from provisioner.hosts import Host
 
 
 class AgentClient:

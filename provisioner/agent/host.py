@@ -29,10 +29,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from provisioner.agent.ledger import AgentError, Ledger, LeaseConflict, VmLease
+from provisioner.agent.ledger import Ledger, VmLease
 from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vmm import ChVm, vmm_pid_matches
-from provisioner.errors import HearthError
+from provisioner.errors import AgentError, HearthError, LeaseConflict, VmNotFound
 from provisioner.events import NodeEvent, NodeState
 from provisioner.net import bridge_facts, delete_tap, guest_mac, ipv4_routes, tap_exists, tap_name
 from vfio.hostroot import HostRoot
@@ -42,10 +42,6 @@ from vfio.pci import VFIO_DRIVER, PciTopology
 VERSION = "0.1.0"
 REAP_INTERVAL = 1.0
 KEEP_ENDED_S = 600.0  # how long an ended VM's record stays readable (a controller may ask how it ended)
-
-
-class NotFound(AgentError):
-    status = 404
 
 
 class AgentConfig(BaseModel):
@@ -192,7 +188,7 @@ class HostAgent:
             return _summary(self.vms[vm_id], self.ledger.vms.get(vm_id))
         if vm_id in self.ended:
             return self.ended[vm_id]
-        raise NotFound(f"no VM {vm_id} on this host")
+        raise VmNotFound(f"no VM {vm_id} on this host")
 
     def list_vms(self) -> list[dict[str, Any]]:
         return [self.vm(v) for v in self.vms]
@@ -204,7 +200,7 @@ class HostAgent:
         while True:
             summary = self.vm(vm_id)
             if uid is not None and summary["uid"] != uid:
-                raise NotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
+                raise VmNotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
             if len(summary["events"]) > after or summary["state"] == "stopped" or time.monotonic() >= deadline:
                 return summary
             changed = self._changed

@@ -21,16 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from provisioner.errors import HearthError
+from provisioner.errors import AgentError, LeaseConflict
 from provisioner.files import write_atomic
-
-
-class AgentError(HearthError):
-    status = 400
-
-
-class LeaseConflict(AgentError):
-    status = 409
 
 
 class VmLease(BaseModel):

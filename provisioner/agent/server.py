@@ -24,8 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
-from provisioner.agent.ledger import AgentError
-from provisioner.errors import HearthError, SpecError, VmmError, validated
+from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
 
 
 def app(agent: HostAgent) -> web.Application:

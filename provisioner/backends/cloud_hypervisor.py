@@ -21,12 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from provisioner.agent.client import AgentClient, AgentRefused, AgentUnreachable, connect
+from provisioner.agent.client import AgentClient, connect
 from provisioner.backends import JoinInfo
 from provisioner.errors import SpecError
-from provisioner.events import ENDING, TERMINAL, InvalidTransition, NodeHistory, NodeState, NodeTracker, OnEvent
+from provisioner.errors import AgentRefused, AgentUnreachable, InvalidTransition
+from provisioner.events import ENDING, TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.placement import GpuSlot, NodePlacement, host_slots
-from provisioner.spec import ClusterSpec, Host
+from provisioner.spec import ClusterSpec
+from provisioner.hosts import Host
 
 StandinSettings = Callable[[str], dict[str, Any]]
 AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (a restart) before it counts as failed

@@ -37,7 +37,8 @@ from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, On
 from provisioner.guest_channel import GuestChannel
 from provisioner.net import bridge_facts, guest_mac, tap_name
 from provisioner.placement import NodePlacement
-from provisioner.spec import ClusterSpec, Host, HostNetwork
+from provisioner.spec import ClusterSpec
+from provisioner.hosts import Host, HostNetwork
 
 QEMU = "qemu-system-x86_64"
 RECONNECT_S = 10.0  # nothing restarts a controller's channel: a guest that loses it powers off soon
