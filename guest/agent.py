@@ -6,9 +6,19 @@ Standard library only, so it is up in a fraction of a second: boot time is the p
     2. open the guest channel: vsock CID 2 port 1024 (Cloud Hypervisor), else the virtio-serial port named
        hearth.channel (QEMU); say hello with the node id (SMBIOS OEM string) and boot phases
     3. take the config: network (address, gateway), Ray (address, token, labels, CPUs, GPUs), env
-    4. `ray start` with the token in its environment (never on a command line); say ready
-    5. heartbeat; power off when told to stop, or when the host end has been gone for `reconnect_s`
-       (the controller died, FLAME's dead man's switch): from the moment the config arrived, `ray start` too
+    4. `ray start` with the token in its environment (never on a command line); say ready, or say failed
+       with `ray start`'s last words and power off
+    5. heartbeat; power off when told to stop, or when the host end has been gone for `reconnect_s` (the
+       controller or its host agent died: FLAME's dead man's switch), from the moment the config arrived,
+       `ray start` included. Meanwhile the channel reconnects (a restarting host agent comes back with a new
+       listener) and says hello, and ready, again. A line it cannot read is logged and skipped.
+
+Where it runs decides what it may do, by construction, not by a flag it could be given:
+    Vm      PID 1 of a VM: mounts, loads modules, sets the network and hostname, powers the VM off (reboot(2)).
+    Hosted  any other process: cloud-hypervisor-standin runs it on a host as the guest of a stand-in VM, with
+            HEARTH_GUEST_HOSTED naming the VM's vsock socket (CH's host side: `<socket>_<port>`). It mounts
+            nothing, loads no module, leaves the network alone, and its "power off" ends its own process
+            group, which it must lead. Not PID 1 and without that variable, it refuses to run.
 """
 
 from __future__ import annotations
@@ -18,10 +28,12 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -29,21 +41,23 @@ VENV = "/opt/hearth/venv"
 PORT_NAME = "hearth.channel"
 GUEST_PORT = 1024
 RB_POWER_OFF = 0x4321FEDC
-FIXED_PORTS = {"node-manager-port": 6380, "object-manager-port": 6381, "dashboard-agent-listen-port": 6382,
-               "dashboard-agent-grpc-port": 6383, "metrics-export-port": 6384, "runtime-env-agent-port": 6385}
+PR_SET_CHILD_SUBREAPER = 36
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "metrics-export-port", "runtime-env-agent-port")
+VM_PORTS = dict(zip(PORT_FLAGS, range(6380, 6386)))  # one node per VM: fixed ports
 RAYLET_WAIT_S = 300
 # `ray start` wrapped in two corrections for slow (emulated) guests, nothing else about Ray changes:
 # - it gives a new raylet 30 s (hard-coded) to register with the GCS: retry Ray's own lookup for RAYLET_WAIT_S;
 # - it does not hand the raylet the dashboard agent's listen port, though the raylet has a flag for it, so the
 #   raylet waits a fixed 15 s for the agent to write the port to a file, and aborts after that ("Timed out
 #   waiting for file .../dashboard_agent_listen_port_<node>"). An agent under TCG needs longer than 15 s to
-#   import itself; with the port given (the same fixed one the agent is told), the raylet does not wait.
-RAY_START = f"""
+#   import itself; with the port given (the same one the agent is told), the raylet does not wait.
+RAY_START = """
 import sys, time
 import ray._private.services as services
 lookup = services.get_node
 def get_node(*args, **kwargs):
-    deadline = time.monotonic() + {RAYLET_WAIT_S}
+    deadline = time.monotonic() + {wait}
     while True:
         try:
             return lookup(*args, **kwargs)
@@ -55,7 +69,7 @@ services.get_node = get_node
 start_process = services.start_ray_process
 def start_ray_process(command, process_type, *args, **kwargs):
     if process_type == "raylet":
-        command = [*command, "--dashboard_agent_listen_port={FIXED_PORTS['dashboard-agent-listen-port']}"]
+        command = [*command, "--dashboard_agent_listen_port={port}"]
     return start_process(command, process_type, *args, **kwargs)
 services.start_ray_process = start_ray_process
 from ray.scripts.scripts import main
@@ -64,133 +78,354 @@ sys.exit(main())
 """
 
 
-def uptime() -> float:
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0])
-
-
 def say(message: str) -> None:
     print(f"hearth-guest: {message}", file=sys.stderr, flush=True)
 
 
-def mount_basics() -> None:
-    for source, target, kind in (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs"),
-                                 ("tmpfs", "/run", "tmpfs"), ("tmpfs", "/tmp", "tmpfs"), ("devpts", "/dev/pts", "devpts"),
-                                 ("tmpfs", "/dev/shm", "tmpfs")):
-        os.makedirs(target, exist_ok=True)
-        subprocess.run(["mount", "-t", kind, source, target], stderr=subprocess.DEVNULL)
+# -- where it runs ------------------------------------------------------------------------------------
+class Vm:
+    """PID 1 of a VM: the machine is the node's own."""
 
-
-def node_id() -> str:
-    """From the SMBIOS OEM strings (type 11) the VMM was given: hearth-node=<id>."""
-    for entry in sorted(os.listdir("/sys/firmware/dmi/entries")) if os.path.isdir("/sys/firmware/dmi/entries") else []:
-        if entry.startswith("11-"):
-            raw = open(f"/sys/firmware/dmi/entries/{entry}/raw", "rb").read()
-            for text in raw[raw[1]:].split(b"\0"):
-                if text.startswith(b"hearth-node="):
-                    return text.split(b"=", 1)[1].decode()
-    return socket.gethostname()
-
-
-def gpus() -> list[str]:
-    """NVIDIA GPUs passed through (PCI class 0x0300/0x0302); their driver is loaded when the image has it."""
-    found = []
-    for address in sorted(os.listdir("/sys/bus/pci/devices")):
-        base = f"/sys/bus/pci/devices/{address}"
-        if open(f"{base}/vendor").read().strip() == "0x10de" and open(f"{base}/class").read()[:6] in ("0x0300", "0x0302"):
-            found.append(address)
-    if found:
-        subprocess.run(["modprobe", "nvidia"], stderr=subprocess.DEVNULL)
-        subprocess.run(["modprobe", "nvidia_uvm"], stderr=subprocess.DEVNULL)
-    return found
-
-
-class Channel:
-    """JSON lines to the host over vsock or a virtio-serial port."""
+    python = f"{VENV}/bin/python3"
+    ray_dir = "/tmp/ray"  # the guest's own: by default a node takes the head's path, the controller's
 
     def __init__(self) -> None:
-        self.fd = -1
-        self.buffer = b""
-        self.vsock: socket.socket | None = None
-        self.sending = threading.Lock()  # the main thread and the channel's thread both send
-
-    def open(self) -> None:
-        subprocess.run(["modprobe", "-a", "vmw_vsock_virtio_transport", "virtio_console"], stderr=subprocess.DEVNULL)
-        port = self._port()
-        if port is not None:
-            self.fd = os.open(port, os.O_RDWR | os.O_NONBLOCK)
-            return
-        self.vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        self.vsock.connect((2, GUEST_PORT))
-        self.fd = self.vsock.fileno()
+        for source, target, kind in (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"),
+                                     ("devtmpfs", "/dev", "devtmpfs"), ("tmpfs", "/run", "tmpfs"),
+                                     ("tmpfs", "/tmp", "tmpfs"), ("devpts", "/dev/pts", "devpts"),
+                                     ("tmpfs", "/dev/shm", "tmpfs")):
+            os.makedirs(target, exist_ok=True)
+            subprocess.run(["mount", "-t", kind, source, target], stderr=subprocess.DEVNULL)
+        self.ports = VM_PORTS
 
     @staticmethod
-    def _port() -> str | None:
+    def uptime() -> float:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+
+    @staticmethod
+    def node_id() -> str:
+        """From the SMBIOS OEM strings (type 11) the VMM was given: hearth-node=<id>."""
+        entries = "/sys/firmware/dmi/entries"
+        for entry in sorted(os.listdir(entries)) if os.path.isdir(entries) else []:
+            if entry.startswith("11-"):
+                raw = open(f"{entries}/{entry}/raw", "rb").read()
+                for text in raw[raw[1]:].split(b"\0"):
+                    if text.startswith(b"hearth-node="):
+                        return text.split(b"=", 1)[1].decode()
+        return socket.gethostname()
+
+    @staticmethod
+    def set_hostname(name: str) -> None:
+        with contextlib.suppress(OSError):
+            socket.sethostname(name)
+
+    @staticmethod
+    def gpus() -> list[str]:
+        """NVIDIA GPUs passed through (PCI class 0x0300/0x0302); their driver is loaded when the image has it."""
+        found = []
+        for address in sorted(os.listdir("/sys/bus/pci/devices")):
+            base = f"/sys/bus/pci/devices/{address}"
+            if open(f"{base}/vendor").read().strip() == "0x10de" and open(f"{base}/class").read()[:6] in ("0x0300", "0x0302"):
+                found.append(address)
+        if found:
+            subprocess.run(["modprobe", "nvidia"], stderr=subprocess.DEVNULL)
+            subprocess.run(["modprobe", "nvidia_uvm"], stderr=subprocess.DEVNULL)
+        return found
+
+    @staticmethod
+    def connect() -> socket.socket | int:
+        """The guest channel: a virtio-serial port's fd (QEMU), else a vsock connection to the host (CH)."""
+        subprocess.run(["modprobe", "-a", "vmw_vsock_virtio_transport", "virtio_console"], stderr=subprocess.DEVNULL)
         ports = "/sys/class/virtio-ports"
         for name in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
             if open(f"{ports}/{name}/name").read().strip() == PORT_NAME:
-                return f"/dev/{name}"
-        return None
+                return os.open(f"/dev/{name}", os.O_RDWR | os.O_NONBLOCK)
+        vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            vsock.connect((2, GUEST_PORT))
+        except OSError:
+            vsock.close()
+            raise
+        return vsock
+
+    @staticmethod
+    def configure_network(network: dict) -> str | None:
+        if not network:
+            return None
+        subprocess.run(["modprobe", "virtio_net"], stderr=subprocess.DEVNULL)
+        interfaces = [n for n in sorted(os.listdir("/sys/class/net")) if n != "lo"]
+        if not interfaces:
+            raise RuntimeError("the VM has no network interface")
+        device = interfaces[0]
+        for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", device, "up"],
+                     ["ip", "addr", "add", network["address"], "dev", device],
+                     ["ip", "route", "add", "default", "via", network["gateway"]]):
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"network: `{' '.join(argv)}` failed: {done.stderr.strip()}")
+        return network["address"].split("/")[0]
+
+    @staticmethod
+    def reap() -> None:
+        """PID 1 adopts every orphan (Ray's daemons among them): collect the ones that ended."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    @staticmethod
+    def power_off(reason: str) -> None:
+        """The node's disk layer goes with the VM, so there is nothing to stop gracefully: end every process
+        (Ray's daemons), flush, power off."""
+        say(f"powering off: {reason}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)  # from PID 1: every other process
+        os.sync()
+        ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
+
+
+class Hosted:
+    """A stand-in VM's guest, on a host: it touches nothing but its own processes and its own temp dir."""
+
+    python = sys.executable
+
+    def __init__(self, vsock_socket: str) -> None:
+        if os.getpgrp() != os.getpid():
+            raise SystemExit("hearth guest agent (hosted): it must lead its own process group (start_new_session), "
+                             "so that powering off ends only its own processes")
+        self.path = f"{vsock_socket}_{GUEST_PORT}"  # as Cloud Hypervisor maps a guest's connection to port P
+        self.booted_at = float(os.environ.get("HEARTH_GUEST_BOOTED_AT") or time.time())
+        self.ray_dir = tempfile.mkdtemp(prefix="hg-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))  # VMs share this host's ports
+        with contextlib.suppress(OSError, AttributeError):  # Ray's daemons stay ours to reap and to end
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    def uptime(self) -> float:
+        return time.time() - self.booted_at
+
+    @staticmethod
+    def node_id() -> str:
+        oem = dict(line.split("=", 1) for line in os.environ.get("HEARTH_SMBIOS_OEM", "").splitlines() if "=" in line)
+        return oem.get("hearth-node", "unknown")
+
+    def set_hostname(self, name: str) -> None:
+        pass  # the host's name is not the node's
+
+    @staticmethod
+    def gpus() -> list[str]:
+        return []  # the host's GPUs are not this node's
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def configure_network(network: dict) -> None:
+        return None  # the host's network is not the node's: Ray finds the head from here as it is
+
+    reap = staticmethod(Vm.reap)
+
+    def power_off(self, reason: str) -> None:
+        say(f"powering off (hosted: ending this guest's own process group): {reason}")
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def where() -> Vm | Hosted:
+    if os.getpid() == 1:
+        return Vm()
+    hosted = os.environ.get("HEARTH_GUEST_HOSTED")
+    if not hosted:
+        raise SystemExit("hearth guest agent: this is PID 1 of a node's VM (the initramfs starts it). On a host, only "
+                         "cloud-hypervisor-standin runs it, with HEARTH_GUEST_HOSTED set (see provisioner/ch/standin.py)")
+    return Hosted(hosted)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _toward(head: str) -> str:
+    """This machine's address on the way to `head` (host:port), as Ray itself works it out."""
+    host, port = head.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, int(port)))
+        return probe.getsockname()[0]
+
+
+# -- the guest channel --------------------------------------------------------------------------------
+class Channel:
+    """JSON lines to the host. It reconnects: a new vsock connection (a virtio-serial port is reopened)."""
+
+    def __init__(self, machine: Vm | Hosted) -> None:
+        self.machine = machine
+        self.conn: socket.socket | int | None = None
+        self.buffer = b""
+        self.sending = threading.Lock()  # the main thread and the channel's thread both send
+
+    @property
+    def fd(self) -> int:
+        return self.conn if isinstance(self.conn, int) else self.conn.fileno()
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def connect(self) -> bool:
+        try:
+            self.conn = self.machine.connect()
+        except OSError:
+            return False
+        self.buffer = b""
+        return True
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        with contextlib.suppress(OSError):
+            if isinstance(conn, int):
+                os.close(conn)
+            elif conn is not None:
+                conn.close()
 
     def send(self, message: dict) -> None:
+        """OSError when the host end is gone."""
+        data = json.dumps(message).encode() + b"\n"
         with self.sending:
-            self._send(json.dumps(message).encode() + b"\n")
-
-    def _send(self, data: bytes) -> None:
-        while data:
-            select.select([], [self.fd], [], 5)
-            try:
-                data = data[os.write(self.fd, data):]
-            except BlockingIOError:
-                continue
+            if self.conn is None:
+                raise ConnectionError("the guest channel is not connected")
+            while data:
+                if not select.select([], [self.fd], [], 5)[1]:
+                    raise TimeoutError("the host end does not read the guest channel")
+                try:
+                    data = data[os.write(self.fd, data):]
+                except BlockingIOError:
+                    continue
 
     def receive(self, timeout: float) -> dict | None:
-        """The next message; None after `timeout`. EOFError when the host end is gone."""
+        """The next message; None after `timeout`. EOFError when the host end is gone. A line that is not a
+        JSON object is logged and skipped."""
         deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                return None
+        while True:
+            while b"\n" not in self.buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    return None
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    time.sleep(0.2)  # a virtio-serial port reads empty while its host end is away
+                    raise EOFError
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\n", 1)
             try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                time.sleep(0.2)  # a virtio-serial port reads empty while its host end is away
-                raise EOFError
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if isinstance(message, dict):
+                return message
+            say(f"skipped a guest channel line that is not a JSON object: {line[:80]!r}")
 
 
-def configure_network(network: dict) -> str | None:
-    if not network:
-        return None
-    subprocess.run(["modprobe", "virtio_net"], stderr=subprocess.DEVNULL)
-    interfaces = [n for n in sorted(os.listdir("/sys/class/net")) if n != "lo"]
-    if not interfaces:
-        say("no network interface")
-        return None
-    device = interfaces[0]
-    for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", device, "up"],
-                 ["ip", "addr", "add", network["address"], "dev", device],
-                 ["ip", "route", "add", "default", "via", network["gateway"]]):
-        subprocess.run(argv, check=True)
-    return network["address"].split("/")[0]
+class Node:
+    """The node's life, as the guest sees it; `serve` keeps its channel from the moment the config arrived."""
+
+    def __init__(self, machine: Vm | Hosted, channel: Channel, hello: dict) -> None:
+        self.machine, self.channel, self.hello = machine, channel, hello
+        self.ready: dict | None = None  # the ready message, once Ray joined: said again after a reconnect
+        self.reaping = threading.Event()  # not before `ray start` ended: reaping could take its exit status
+
+    def talk(self, within: float) -> dict:
+        """Connect (with backoff) and say hello, until the config arrives; power off after `within` s alone."""
+        backoff, since = 0.1, time.monotonic()
+        while True:
+            if self.channel.connected or self._reconnect():
+                try:
+                    message = self.channel.receive(2.0)
+                except (EOFError, OSError):
+                    self.channel.close()
+                    message = None
+                if message is not None and message.get("op") == "config":
+                    return message
+                if message is not None and message.get("op") == "stop":
+                    self.machine.power_off("told to stop before it was configured")
+                if self.channel.connected:
+                    since = time.monotonic()
+                    continue
+            if time.monotonic() - since > within:
+                self.machine.power_off(f"no host end on the guest channel for {within:g} s")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _reconnect(self) -> bool:
+        if not self.channel.connect():
+            return False
+        try:
+            self.channel.send(self.hello)
+            if self.ready is not None:
+                self.channel.send(self.ready)
+        except OSError:
+            self.channel.close()
+            return False
+        return True
+
+    def serve(self, reconnect_s: float) -> None:
+        """Heartbeats; power off when told to, or when the host end has been gone for `reconnect_s`."""
+        gone_since, backoff = None, 0.1
+        while True:
+            try:
+                if self.reaping.is_set():
+                    self.machine.reap()
+                if not self.channel.connected and not self._reconnect():
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since > reconnect_s:
+                        self.machine.power_off(f"the host end has been gone for {reconnect_s:g} s")
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                gone_since, backoff = None, 0.1
+                message = self.channel.receive(2.0)
+                if message is not None and message.get("op") == "stop":
+                    self.machine.power_off("told to stop")
+                self.channel.send({"op": "heartbeat"})
+            except (EOFError, OSError):
+                self.channel.close()
+                gone_since = gone_since or time.monotonic()
+            except Exception as error:  # noqa: BLE001 - the dead man's switch must outlive any surprise
+                say(f"guest channel: {error!r}")
+                time.sleep(0.5)
 
 
-def start_ray(ray: dict, env: dict, address: str | None) -> None:
+def start_ray(machine: Vm | Hosted, ray: dict, env: dict, address: str | None) -> None:
     labels = ",".join(f"{k}={v}" for k, v in ray.get("labels", {}).items())
-    argv = [f"{VENV}/bin/python3", "-c", RAY_START, "start", f"--address={ray['address']}", f"--num-cpus={ray.get('num_cpus', 1)}",
-            f"--num-gpus={ray.get('num_gpus', 0)}", f"--labels={labels}", "--disable-usage-stats",
-            "--temp-dir=/tmp/ray",  # the guest's own: by default a node takes the head's path, the controller's
-            # Fixed ports (one node per VM): the raylet is given each agent's port instead of waiting, a fixed
-            # 15 s, for the agent to write it to a file, which an emulated guest's agents are too slow for.
-            *(f"--{name}={port}" for name, port in FIXED_PORTS.items())]
-    if address:
-        argv.append(f"--node-ip-address={address}")
-    environment = {"PATH": f"{VENV}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "RAY_AUTH_MODE": "token",
-                   "RAY_AUTH_TOKEN": ray["token"], **env,
+    wrapper = RAY_START.format(wait=RAYLET_WAIT_S, port=machine.ports["dashboard-agent-listen-port"])
+    argv = [machine.python, "-c", wrapper, "start", f"--address={ray['address']}",
+            f"--num-cpus={ray.get('num_cpus', 1)}", f"--num-gpus={ray.get('num_gpus', 0)}", f"--labels={labels}",
+            "--disable-usage-stats", f"--temp-dir={machine.ray_dir}",
+            # The raylet is given each agent's port instead of waiting, a fixed 15 s, for the agent to write it
+            # to a file, which an emulated guest's agents are too slow for.
+            *(f"--{name}={port}" for name, port in machine.ports.items())]
+    argv.append(f"--node-ip-address={address or _toward(ray['address'])}")
+    environment = {"PATH": f"{os.path.dirname(machine.python)}:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "HOME": os.environ.get("HOME", "/root"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray["token"],
+                   **env,
                    # How long the raylet waits for its runtime-env agent (30 s by default), which an emulated
                    # guest (TCG) may need longer to start.
                    "RAY_agent_register_timeout_ms": str(RAYLET_WAIT_S * 1000),
@@ -200,96 +435,55 @@ def start_ray(ray: dict, env: dict, address: str | None) -> None:
     done = subprocess.run(argv, env=environment, capture_output=True, text=True)
     if done.returncode != 0 or "Ray runtime started" not in done.stdout:
         say((done.stdout + done.stderr)[-3000:])
-        logs = "/tmp/ray/session_latest/logs"
+        logs = f"{machine.ray_dir}/session_latest/logs"
         for log in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
             if log.startswith("raylet") or log.endswith(".err"):
                 with contextlib.suppress(OSError):
                     say(f"--- {log}:\n" + open(f"{logs}/{log}", errors="replace").read()[-2000:])
-        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-        raise RuntimeError(f"ray start failed ({done.returncode}): {lines[-1] if lines else 'no output'}")
-
-
-def power_off(reason: str) -> None:
-    """The node's disk layer is thrown away with the VM, so there is nothing to stop gracefully: end every
-    process (Ray's daemons), flush, and power off."""
-    say(f"powering off: {reason}")
-    if os.getpid() != 1:
-        sys.exit(0)  # a test run on a host: just end
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process
-    os.sync()
-    ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF)
-
-
-def reap() -> None:
-    """PID 1 adopts every orphan (Ray's daemons among them): collect the ones that ended."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def serve(channel: Channel, hello: dict, reconnect_s: float, ray_started: threading.Event) -> None:
-    """Heartbeats; power off when told to, or when the host end has been gone for `reconnect_s`. Runs from the
-    moment the config arrived, so a controller that dies during `ray start` is noticed too."""
-    gone_since = None
-    while True:
-        if ray_started.is_set():  # not before: reaping then could take `ray start`'s own exit status
-            reap()
-        try:
-            message = channel.receive(2.0)
-        except EOFError:
-            gone_since = gone_since or time.monotonic()
-            if time.monotonic() - gone_since > reconnect_s:
-                power_off(f"the host end has been gone for {reconnect_s:g} s")
-            continue
-        if gone_since is not None:  # it is back (an agent restart): say who we are again
-            gone_since = None
-            channel.send(hello)
-        if message is not None and message.get("op") == "stop":
-            power_off("told to stop")
-        with contextlib.suppress(OSError):
-            channel.send({"op": "heartbeat"})
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        raise RuntimeError(f"ray start exited with status {done.returncode}: "
+                           + (" | ".join(lines[-4:]) if lines else "it printed nothing"))
 
 
 def main() -> None:
-    if os.getpid() == 1:
-        mount_basics()
-    started = uptime()
-    me = node_id()
-    found = gpus()
-    channel = Channel()
-    channel.open()
+    machine = where()
+    started = machine.uptime()
+    me = machine.node_id()
+    machine.set_hostname(me)
+    found = machine.gpus()
+    channel = Channel(machine)
     hello = {"op": "hello", "node": me, "detail": f"guest agent up {started:.2f} s after the kernel started",
-             "phases": {"kernel_s": started, "agent_s": uptime()}, "gpus": found}
-    channel.send(hello)
-    config = None
-    while config is None:
-        config = channel.receive(30)
-    configured = uptime()
-    ray_started = threading.Event()
-    threading.Thread(target=serve, args=(channel, hello, float(config.get("reconnect_s", 30)), ray_started),
-                     daemon=True).start()
-    address = configure_network(config.get("network") or {})
+             "phases": {"kernel_s": started, "agent_s": machine.uptime()}, "gpus": found}
+    node = Node(machine, channel, hello)
+    config = node.talk(within=60.0)
+    configured = machine.uptime()
+    threading.Thread(target=node.serve, args=(float(config.get("reconnect_s", 30)),), daemon=True).start()
     try:
-        start_ray(config["ray"], config.get("env") or {}, address)
-    except (RuntimeError, OSError, KeyError) as error:
-        channel.send({"op": "failed", "detail": str(error)})
-        power_off(str(error))
-    ray_started.set()
-    channel.send({"op": "ready", "phases": {"config_s": configured, "ray_s": uptime()}})
+        address = machine.configure_network(config.get("network") or {})
+        start_ray(machine, config["ray"], config.get("env") or {}, address)
+    except Exception as error:  # noqa: BLE001 - whatever it is, the host hears why before the VM goes
+        say(f"failed: {error}")
+        with contextlib.suppress(OSError):
+            channel.send({"op": "failed", "detail": str(error)})
+        time.sleep(0.5)  # let the host read it before the VM (and the channel) goes
+        machine.power_off(str(error))
+    node.reaping.set()
+    node.ready = {"op": "ready", "phases": {"config_s": configured, "ray_s": machine.uptime()}}
+    with contextlib.suppress(OSError):
+        channel.send(node.ready)
     threading.Event().wait()  # the channel's thread runs the node from here
 
 
 if __name__ == "__main__":
     try:
         main()
-    except Exception as error:  # noqa: BLE001 - PID 1 must not just die: say why, then power off
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 - PID 1 must not just die: say why, then power off
         import traceback
 
         traceback.print_exc()
         say(f"failed: {error!r}")
-        power_off("the guest agent failed")
+        if os.getpid() == 1:
+            Vm.power_off("the guest agent failed")
+        raise SystemExit(1) from None

@@ -252,9 +252,15 @@ def agent(
     from provisioner.errors import validated
 
     root = host_root or Path(os.environ.get("HEARTH_HOST_ROOT", "/"))
+    standin = None
+    if os.environ.get("HEARTH_STANDIN"):  # the stand-in VMM's settings, for every VM (see ch/standin.py)
+        try:
+            standin = json.loads(os.environ["HEARTH_STANDIN"])
+        except ValueError as error:
+            _fail(f"HEARTH_STANDIN is not JSON ({error}): give it an object, e.g. '{{\"guest\": \"agent\"}}'", 2)
     config = _run(lambda: validated(AgentConfig, {
         "host_root": root, "state_dir": state_dir, "run_dir": run_dir, "cloud_hypervisor": cloud_hypervisor,
-        "bridge": bridge, "subnet": subnet}, "agent options"))
+        "bridge": bridge, "subnet": subnet, "standin": standin}, "agent options"))
     _run(lambda: asyncio.run(serve(config, socket, group)))
 
 

@@ -106,13 +106,9 @@ class Cluster:
         return self._run.job_client()
 
     def logs(self, node: str) -> str:
-        """A node's console: a VM's serial log, or a local node's `ray start` output."""
-        record = self._run.engine.nodes[node]
-        process = record.process
-        serial = getattr(process, "serial_log", None)
-        if serial is not None:
-            return serial.read_text(errors="replace") if serial.exists() else ""
-        return "\n".join(getattr(process, "output", []))
+        """A node's console and its VMM's log (a VM's serial console: kernel, initramfs, guest agent), or a
+        local node's `ray start` output; each size-bounded."""
+        return loop.run(self._run.engine.nodes[node].process.logs())
 
     @property
     def nodes(self) -> list[dict[str, Any]]:

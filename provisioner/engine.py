@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
-from provisioner.backends import Backend, JoinInfo, NodeProcess
+from provisioner.backends import Backend, NodeProcess, checked
 from provisioner.errors import BootError, HearthError, PlacementError
-from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
+from provisioner.events import TERMINAL, NodeHistory, NodeState, OnEvent
+from provisioner.node import GpuRequest, NodeSpec, RayJoin
 from provisioner.placement import GpuSlot, NodePlacement, place
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec
 
 NODE_LABEL = "hearth.io/node"
+HOST_MARGIN_S = 5.0
 ATTEMPT_LABEL = "hearth.io/attempt"  # a retried node's first Ray node may linger ALIVE for a while
 
 
@@ -144,16 +147,17 @@ class Engine:
             if attempt > 1:
                 record.attempts.append(NodeHistory(record.node_id))
             history = record.history
-            tracker = NodeTracker(history, self.on_event)
-            tracker.transition(NodeState.requested, None if attempt == 1 else f"retry: {record.errors[-1]}")
-            tracker.transition(NodeState.placed, _where(placement))
             record.placement = placement
-            join = self._join(placement, attempt)
-            process = record.process = self.backend.node(placement, join, history, self.on_event)
+            spec = self.node_spec(placement, attempt)
+            process = record.process = checked(self.backend, self.backend.node(spec, history, self.on_event))
+            process.tracker.transition(NodeState.requested, None if attempt == 1 else f"retry: {record.errors[-1]}")
+            process.tracker.transition(NodeState.placed, _where(placement))
             deadline = time.monotonic() + self.spec.boot_timeout
             try:
                 async with self._limits.get(placement.host) or contextlib.nullcontext():
-                    await asyncio.wait_for(process.start(), _left(deadline))
+                    # The backend bounds its own waits by the deadline (on a host too); the margin lets a
+                    # host's own timeout, with its words, arrive before ours.
+                    await asyncio.wait_for(process.start(deadline), _left(deadline) + HOST_MARGIN_S)
                 await process.wait_for(NodeState.ray_joined, _left(deadline))
                 if self.verify_ray:
                     seen = self._seen_future((record.node_id, str(attempt)))
@@ -175,19 +179,24 @@ class Engine:
                     record.errors.append(f"no retry: {error}")
                     return
 
+    def node_spec(self, placement: NodePlacement, attempt: int) -> NodeSpec:
+        """The one request a backend (and a host agent) gets for this boot attempt of this node."""
+        spec = self.spec
+        labels = {NODE_LABEL: placement.node_id, ATTEMPT_LABEL: str(attempt), "hearth.io/cluster": spec.name,
+                  "hearth.io/gpu-type": spec.gpu_type or ("none" if not spec.gpus_per_node else "unknown"),
+                  **spec.labels}
+        ray = RayJoin(address=self.head.address if self.head else "", token=self.head.token if self.head else "",
+                      labels=labels, num_cpus=spec.cpus, num_gpus=spec.gpus_per_node)
+        return NodeSpec(id=placement.node_id, uid=secrets.token_hex(8), host=placement.host, cpus=spec.cpus,
+                        memory_mib=spec.memory_gib * 1024, image=spec.image, ray=ray, env=spec.env,
+                        gpus=[GpuRequest(address=g.address, clique=g.clique) for g in placement.gpus])
+
     def _replace(self, failed: NodePlacement) -> NodePlacement:
         """Other GPUs for a node whose boot failed; its GPUs are not used again in this run."""
         (placement,) = place([failed.node_id], self._gpus_per_node, self.hosts, self._pool)
         taken = {g.address for g in placement.gpus}
         self._pool = [g for g in self._pool if not (g.host == placement.host and g.address in taken)]
         return placement
-
-    def _join(self, placement: NodePlacement, attempt: int) -> JoinInfo:
-        labels = {NODE_LABEL: placement.node_id, ATTEMPT_LABEL: str(attempt), "hearth.io/cluster": self.spec.name,
-                  "hearth.io/gpu-type": self.spec.gpu_type or ("none" if not self.spec.gpus_per_node else "unknown"),
-                  **self.spec.labels}
-        return JoinInfo(address=self.head.address if self.head else "", token=self.head.token if self.head else "",
-                        num_cpus=self.spec.cpus, num_gpus=self.spec.gpus_per_node, labels=labels, env=self.spec.env)
 
     def _seen_future(self, key: tuple[str, str]) -> asyncio.Future:
         if key not in self._seen:

@@ -1,16 +1,18 @@
-"""The host end of the guest channel: one Unix socket per VM, JSON lines both ways.
+"""The host end of the guest channel, and what a node makes of what its guest says: the same for every VMM.
 
-Under Cloud Hypervisor the guest connects to vsock CID 2 (the host), port `GUEST_PORT`; CH delivers that
-connection to the host Unix socket `<vsock socket>_<GUEST_PORT>`, where this server listens. (QEMU's
-virtio-serial port is a Unix socket too.) The protocol, guest first:
+One Unix socket per VM, JSON lines both ways. Under Cloud Hypervisor the guest connects to vsock CID 2 (the
+host), port `GUEST_PORT`, which CH delivers to the host Unix socket `<vsock socket>_<GUEST_PORT>`, where
+`GuestChannel` listens; QEMU's virtio-serial port is a Unix socket too. The protocol, guest first:
 
-    guest: {"op": "hello", "node": "<id>", "phases": {...}}   host: {"op": "config", ...}
-    guest: {"op": "ready"}                                     after `ray start` joined
+    guest: {"op": "hello", "node": "<id>", "phases": {...}}   host: {"op": "config", ...} (node.GuestConfig)
+    guest: {"op": "ready", "phases": {...}}                    after `ray start` joined
+    guest: {"op": "failed", "detail": "..."}                   it cannot go on (then it powers off)
     guest: {"op": "heartbeat"}                                 every few seconds
     host:  {"op": "stop"}                                      the guest powers off
 
-Secrets (the Ray token) travel here, never on a kernel command line. A guest whose host end goes away
-(its parent died) powers itself off: that is the guest side's job.
+A guest that loses its host end (a host agent restarting) reconnects and says hello, and ready, again.
+Secrets (the Ray token) travel here, never on a kernel command line. A guest whose host end stays away
+powers itself off: that is the guest side's job (guest/agent.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from provisioner.events import TERMINAL, NodeState, NodeTracker
+from provisioner.node import GuestConfig
+
 GUEST_PORT = 1024
+MAX_CONNECTIONS = 4  # a guest needs one (two for a moment while it reconnects); more is a guest misbehaving
+MAX_LINE = 1 << 20
 
 Handler = Callable[[dict[str, Any]], None]
 
@@ -32,7 +39,7 @@ Handler = Callable[[dict[str, Any]], None]
 class GuestChannel:
     """Serves one VM's guest end. `on_message` sees every message the guest sends."""
 
-    def __init__(self, path: Path, config: dict[str, Any], on_message: Handler) -> None:
+    def __init__(self, path: Path, config: GuestConfig, on_message: Handler) -> None:
         self.path = path
         self.config = config
         self.on_message = on_message
@@ -42,7 +49,7 @@ class GuestChannel:
         self._handlers: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
         os.chmod(self.path, 0o600)
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -62,6 +69,9 @@ class GuestChannel:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CONNECTIONS:
+            writer.close()
+            return
         self._writers.add(writer)
         self._handlers.add(asyncio.current_task())
         try:
@@ -74,12 +84,46 @@ class GuestChannel:
                     continue
                 self.last_heard = time.monotonic()
                 if message.get("op") == "hello":
-                    writer.write(json.dumps({"op": "config", **self.config}).encode() + b"\n")
+                    writer.write(json.dumps(self.config.message()).encode() + b"\n")
                     await writer.drain()
                 self.on_message(message)
-        except ConnectionError:
+        except (ConnectionError, ValueError):  # ValueError: a line over MAX_LINE
             pass
         finally:
             self._writers.discard(writer)
             self._handlers.discard(asyncio.current_task())
             writer.close()
+
+
+class GuestLink:
+    """A node's reading of its guest agent, the same under every VMM:
+
+        hello   booting -> guest_up; the phases inside the boot: VMM start to the kernel ("firmware"),
+                the kernel and initramfs ("kernel"), the guest agent to its hello ("agent")
+        ready   guest_up -> ray_joined; `ray start`'s time ("ray start")
+        failed  -> failed, with the guest's own words
+
+    Phases come from the guest's uptime, anchored by when its hello arrived, against `spawned_at` (when the
+    VMM was started, on this clock). A hello or ready repeated after a reconnect changes nothing."""
+
+    def __init__(self, tracker: NodeTracker) -> None:
+        self.tracker = tracker
+        self.profile: dict[str, float] = {}
+        self.spawned_at: float | None = None
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        op, phases, state = message.get("op"), message.get("phases") or {}, self.tracker.state
+        if op == "hello" and state == NodeState.booting:
+            with contextlib.suppress(KeyError, TypeError):
+                kernel_at = time.time() - phases["agent_s"]
+                if self.spawned_at is not None:
+                    self.profile["firmware"] = round(kernel_at - self.spawned_at, 3)
+                self.profile.update(kernel=round(phases["kernel_s"], 3),
+                                    agent=round(phases["agent_s"] - phases["kernel_s"], 3))
+            self.tracker.transition(NodeState.guest_up, message.get("detail"))
+        elif op == "ready" and state == NodeState.guest_up:
+            with contextlib.suppress(KeyError, TypeError):
+                self.profile["ray start"] = round(phases["ray_s"] - phases["config_s"], 3)
+            self.tracker.transition(NodeState.ray_joined)
+        elif op == "failed" and state not in TERMINAL:
+            self.tracker.transition(NodeState.failed, f"the guest agent: {message.get('detail') or 'no reason given'}")

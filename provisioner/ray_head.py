@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from provisioner.errors import RayError
-from provisioner.processes import die_with_parent, stop_process_group
+from provisioner.processes import die_with_parent, signal_leader, terminate
 
 def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
     """`count` distinct ports that were free a moment ago (bound together, so they differ)."""
@@ -146,4 +146,4 @@ class RayHead:
             self._http = None
         if self.process is None or self.process.returncode is not None:
             return
-        await stop_process_group(self.process, grace)
+        await terminate(self.process, grace, polite=signal_leader(self.process))

@@ -45,9 +45,10 @@ class ClusterRun:
         if spec.backend == "local":
             self.backend = LocalBackend(work_dir / "n")
         elif spec.backend == "qemu":
-            self.backend = QemuBackend(spec, hosts, work_dir / "vms", inventory.head_host if inventory else "127.0.0.1")
+            self.backend = QemuBackend(hosts, work_dir / "vms", inventory.head_host if inventory else "127.0.0.1")
         else:
-            self.backend = CloudHypervisorBackend(spec, hosts, work_dir, standin=standin, lease_s=lease_s)
+            self.backend = CloudHypervisorBackend(hosts, work_dir, cluster=spec.name, image=spec.image,
+                                                  standin=standin, lease_s=lease_s)
         self.engine = Engine(spec, self.backend, head=self.head, hosts=[h.name for h in hosts],
                              on_event=on_event, verify_ray=with_ray,
                              host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
@@ -154,7 +155,7 @@ def _node_summary(record: NodeRecord) -> dict[str, Any]:
         "state": last.state.value if last else "new", "detail": last.detail if last else None,
         "since": last.at if last else None, "ray_node_id": record.ray_node_id, "attempts": len(record.attempts),
         "errors": record.errors, "profile": history.profile(),
-        "guest_profile": dict(getattr(record.process, "guest_profile", {})),
+        "guest_profile": dict(record.process.guest_profile) if record.process else {},
         "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events],
     }
 

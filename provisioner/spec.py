@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from provisioner.errors import SpecError, validated
+from provisioner.errors import validated
 
 Backend = Literal["local", "cloud-hypervisor", "qemu"]
 _LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
@@ -103,6 +103,8 @@ class ClusterSpec(BaseModel):
     def _consistent(self) -> ClusterSpec:
         if self.min_nodes is not None and not 0 <= self.min_nodes <= self.nodes:
             raise ValueError(f"min_nodes must be between 0 and nodes ({self.nodes})")
+        if self.backend == "qemu" and self.gpus_per_node:
+            raise ValueError("the qemu backend passes no GPUs through: use cloud-hypervisor for GPU nodes")
         if self.backend in ("cloud-hypervisor", "qemu"):
             if self.image is None:
                 raise ValueError(f"the {self.backend} backend needs image= (a directory with vmlinuz, initrd.img, "

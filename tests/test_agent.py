@@ -162,9 +162,13 @@ def test_hosts_check_reports_every_host_in_one_table(fleet, agents, run_dir, tmp
     hearth = str(Path(sys.executable).with_name("hearth"))
     check = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file)], capture_output=True, text=True,
                            env=env, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
     for text in ("0.1.0", "8/8", "v53.0 (stand-in)", inventory.hosts[0].network.bridge, "forwarding"):
         assert text in check.stdout
+    # these agents run the stand-in: that alone is flagged, on every host
+    assert check.returncode == 1 and check.stdout.count("runs the STAND-IN") == 2, check.stdout + check.stderr
+    good = json.loads(subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--json"],
+                                     capture_output=True, text=True, env=env, timeout=60).stdout)
+    assert all(len(r["problems"]) == 1 and "STAND-IN" in r["problems"][0] for r in good), good
     (tmp_path / "host-b/proc/sys/net/ipv4/ip_forward").write_text("0\n")
     hosts_file.write_text(hosts_file.read_text().replace("10.251.2.0/24", "10.252.2.0/24"))
     bad = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--json"], capture_output=True,
@@ -272,23 +276,31 @@ def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_
     http = agent_http(host.agent_socket)
     gpus = http.get("/v1/gpus").json()
     assert [g["address"] for g in gpus] == sorted(HGX_GPUS[:6]) and [g["numa"] for g in gpus] == [0, 0, 0, 0, 1, 1]
-    base = {"controller": "c1", "image": str(image), "standin": STANDIN_GUEST}
+    def body(controller="c1", uid="u1", **node):
+        node = {"id": "n-0", "uid": uid, "host": "solo", "image": str(image),
+                "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"}, **node}
+        return {"controller": controller, "budget_s": 30, "node": node, "standin": STANDIN_GUEST}
+
     cases = [
-        ({**base, "gpus": [{"address": HGX_GPUS[7]}]}, 400, "is on nvidia, not vfio-pci (hearth vfio bind 0000:db:00.0"),
-        ({**base, "gpus": [{"address": "0000:77:00.0"}]}, 400, "0000:77:00.0 is not a GPU on this host"),
-        ({**base, "image": str(tmp_path)}, 400, "kernel: " + str(tmp_path / "vmlinuz") + " is not a file"),
-        ({**base, "cpus": 0}, 400, "a VM has 1 to 254 vCPUs"),
-        ({**base, "speed": "fast"}, 400, "speed: Extra inputs are not permitted"),
+        (body(gpus=[{"address": HGX_GPUS[7]}]), 400, "is on nvidia, not vfio-pci (hearth vfio bind 0000:db:00.0"),
+        (body(gpus=[{"address": "0000:77:00.0"}]), 400, "0000:77:00.0 is not a GPU on this host"),
+        (body(image=str(tmp_path)), 400, "kernel: " + str(tmp_path / "vmlinuz") + " is not a file"),
+        (body(cpus=0), 400, "node.cpus: a node has 1 to 254 vCPUs"),
+        ({**body(), "speed": "fast"}, 400, "speed: Extra inputs are not permitted"),
+        (body(id="n-9"), 400, "the VM id in the path (n-0) is not the node's id (n-9)"),
     ]
-    for body, status, words in cases:
-        response = http.put("/v1/vms/n-0", json=body)
+    for request, status, words in cases:
+        response = http.put("/v1/vms/n-0", json=request)
         assert response.status_code == status and words in response.json()["error"], response.text
+    for path, words in (("/v1/vms/..%2Fetc", "is not a VM id"), ("/v1/vms/n-0?after=1&wait=nan", "finite number")):
+        response = http.get(path)
+        assert response.status_code == 400 and words in response.json()["error"], response.text
     assert not agents.vms("solo").exists() or not any(agents.vms("solo").iterdir())
     assert not (agents.state("solo") / "leases.log").exists()
-    ok = http.put("/v1/vms/n-0", json={**base, "gpus": [{"address": HGX_GPUS[0]}]})
+    ok = http.put("/v1/vms/n-0", json=body(gpus=[{"address": HGX_GPUS[0]}]))
     assert ok.status_code == 201
-    assert http.put("/v1/vms/n-0", json={**base, "gpus": [{"address": HGX_GPUS[0]}]}).status_code == 201  # idempotent
-    taken = http.put("/v1/vms/n-1", json={**base, "controller": "c2", "gpus": [{"address": HGX_GPUS[0]}]})
+    assert http.put("/v1/vms/n-0", json=body(gpus=[{"address": HGX_GPUS[0]}])).status_code == 201  # idempotent
+    taken = http.put("/v1/vms/n-1", json=body("c2", "u2", id="n-1", gpus=[{"address": HGX_GPUS[0]}]))
     assert taken.status_code == 409 and "GPU 0000:18:00.0 is leased to VM n-0" in taken.json()["error"]
     assert [g["leased_to"] for g in http.get("/v1/gpus").json()][:2] == ["n-0", None]
     with pytest.raises(Exception, match="another hearth agent"):

@@ -138,7 +138,10 @@ def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir, agents):
     assert "exited with status 101" in nodes["big-22"]["errors"][0]
     for node_id in ("big-9", "big-50"):
         assert nodes[node_id]["state"] == "stopped" and nodes[node_id]["attempts"] == 2
-        assert nodes[node_id]["errors"] == ["not ready within boot_timeout (30 s)"] * 2
+        # the host's own words (its deadline is the node's), or ours if they did not arrive in time
+        assert len(nodes[node_id]["errors"]) == 2 and all(
+            "vm.boot did not answer before the node's boot deadline" in e
+            or e == "not ready within boot_timeout (30 s)" for e in nodes[node_id]["errors"]), nodes[node_id]
     retried = [e for e in events if e.state == NodeState.requested and e.detail and e.detail.startswith("retry")]
     assert len(retried) == 6
     _nothing_left(agents)

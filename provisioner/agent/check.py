@@ -41,6 +41,9 @@ def problems(host: Host, info: dict[str, Any], inventory: Inventory) -> list[str
     vmm = info["cloud_hypervisor"]
     if vmm.get("problem"):
         found.append(f"cloud-hypervisor: {vmm['problem']}")
+    if vmm.get("standin"):
+        found.append(f"cloud-hypervisor: this agent runs the STAND-IN ({vmm.get('binary')}): its VMs are simulated, "
+                     "with no GPU; install cloud-hypervisor and restart the agent without --cloud-hypervisor")
     if info["vfio"]["exit_code"] >= 2:
         found += [f"vfio: {p}" for p in info["vfio"]["problems"]]
     if info["gpus"]["usable"] == 0:

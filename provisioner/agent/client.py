@@ -44,6 +44,9 @@ class AgentClient:
         params = {"after": after, "wait": wait, **({"uid": uid} if uid else {})}
         return await self._call("GET", f"/v1/vms/{vm_id}", params=params, timeout=wait + 30)
 
+    async def vm_logs(self, vm_id: str) -> dict[str, str]:
+        return await self._call("GET", f"/v1/vms/{vm_id}/logs")
+
     async def vms(self) -> list[dict[str, Any]]:
         return await self._call("GET", "/v1/vms")
 

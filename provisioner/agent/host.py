@@ -1,9 +1,11 @@
 """The host agent: this host's GPUs, VMs, taps and addresses, leased to controllers that keep renewing.
 
 Creating a VM, in order (bad input fails before anything is leased or made):
-    1. check the request: the GPUs exist here, are GPUs, sit on vfio-pci in viable groups; the image is here
+    1. check the request (a `NodeSpec`, node.py, with the controller's lease and what is left of the node's
+       boot deadline): the GPUs exist here, are GPUs, sit on vfio-pci in viable groups; the image is here
     2. under one lock: allocate CID, tap, address; write the lease (`LeaseConflict` if a GPU is taken)
-    3. ChVm.start: tap on the bridge, cloud-hypervisor, vm.create, vm.boot (any failure undoes itself)
+    3. ChVm.start: tap on the bridge, cloud-hypervisor, vm.create, vm.boot (any failure undoes itself), every
+       wait bounded by the node's deadline
     4. record that vm.boot answered; the guest says hello and ready on the guest channel, which ends here
 A VM's end (deleted, its controller's lease expired, the guest powered off, the VMM died) releases its lease.
 
@@ -20,21 +22,23 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from provisioner.agent.ledger import Ledger, VmLease
 from provisioner.ch.config import GpuGroup, vm_spec
-from provisioner.ch.vmm import ChVm, vmm_pid_matches
+from provisioner.ch.vm import ChVm, vmm_pid_matches
 from provisioner.errors import AgentError, HearthError, LeaseConflict, VmNotFound
 from provisioner.events import NodeEvent, NodeState
 from provisioner.net import bridge_facts, delete_tap, guest_mac, ipv4_routes, tap_exists, tap_name
+from provisioner.node import GpuRequest, GuestConfig, GuestNetwork, NodeSpec
+from provisioner.processes import AdoptedProcess, terminate
+from provisioner.vm import tail
 from vfio.hostroot import HostRoot
 from vfio.inventory import host_report
 from vfio.pci import VFIO_DRIVER, PciTopology
@@ -53,6 +57,9 @@ class AgentConfig(BaseModel):
     bridge: str | None = None
     subnet: ipaddress.IPv4Network | None = None
     reconnect_s: float = 30.0  # how long a guest waits for a restarting agent before it powers off
+    # Settings for cloud-hypervisor-standin (`HEARTH_STANDIN` in the agent's environment): applied to every VM
+    # that does not bring its own; only with the stand-in as the VMM.
+    standin: dict[str, Any] | None = None
 
     @field_validator("subnet")
     @classmethod
@@ -61,23 +68,22 @@ class AgentConfig(BaseModel):
             raise ValueError("a host subnet needs room for a gateway and guests: /30 or bigger")
         return value
 
-
-class GpuRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    address: str
-    clique: int | None = None
+    @model_validator(mode="after")
+    def _standin(self) -> AgentConfig:
+        if self.standin is not None and not _is_standin(self.cloud_hypervisor):
+            raise ValueError("HEARTH_STANDIN is set, but the VMM is not cloud-hypervisor-standin: unset it, or "
+                             "pass --cloud-hypervisor cloud-hypervisor-standin to try hearth without a real VMM")
+        return self
 
 
 class CreateVm(BaseModel):
+    """PUT /v1/vms/{id}: the node, the controller whose lease keeps it, and what is left of its boot deadline."""
+
     model_config = ConfigDict(extra="forbid")
     controller: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    uid: str = ""  # the controller's name for this attempt: a retried node reuses the VM id, never the uid
     lease_s: float = Field(default=30.0, ge=1, le=3600)
-    gpus: list[GpuRequest] = []
-    cpus: int = 1
-    memory_mib: int = 1024
-    image: Path
-    guest: dict[str, Any] = {}  # what the guest gets over the guest channel (Ray address, token, labels)
+    budget_s: float = Field(default=300.0, gt=0, le=86400)  # seconds left of the node's boot_timeout
+    node: NodeSpec
     standin: dict[str, Any] | None = None  # settings for cloud-hypervisor-standin; refused by a real VMM
 
 
@@ -148,19 +154,22 @@ class HostAgent:
 
     # -- VMs -------------------------------------------------------------------------------------
     async def create_vm(self, vm_id: str, request: CreateVm) -> dict[str, Any]:
-        """Lease, start and boot; returns once vm.boot answered. The same request again (a controller
-        retrying after a dropped connection) gets the same VM."""
+        """Lease, start and boot; returns once vm.boot answered, within the request's budget. The same request
+        again (a controller retrying after a dropped connection) gets the same VM."""
+        deadline = time.monotonic() + request.budget_s
+        if vm_id != request.node.id:
+            raise AgentError(f"the VM id in the path ({vm_id}) is not the node's id ({request.node.id})")
         if vm_id in self.ledger.vms:
             lease = self.ledger.vms[vm_id]
-            if (lease.controller, lease.request.get("uid", "")) != (request.controller, request.uid):
+            if (lease.controller, _uid(lease)) != (request.controller, request.node.uid):
                 raise LeaseConflict(f"VM id {vm_id} is taken (controller {lease.controller}); stop that VM first")
             vm = self.vms.get(vm_id)
             if vm is not None:
-                await vm.tracker.wait_for(NodeState.booting, 600)
+                await vm.tracker.wait_for(NodeState.booting, max(deadline - time.monotonic(), 0.001))
             return self.vm(vm_id)
-        if request.standin is not None and not Path(self.config.cloud_hypervisor).name.endswith("-standin"):
+        if request.standin is not None and not _is_standin(self.config.cloud_hypervisor):
             raise AgentError("standin settings are for cloud-hypervisor-standin; this agent runs a real VMM")
-        gpus = self._check_gpus(request.gpus)
+        gpus = self._check_gpus(request.node.gpus)
         async with self._lock:
             self.ledger.renew(request.controller, request.lease_s)
             cid = self.ledger.next_cid()
@@ -175,7 +184,7 @@ class HostAgent:
             self.ledger.reserve(lease)
             self.vms[vm_id] = vm
         try:
-            await vm.start()
+            await vm.start(deadline)
         except BaseException:
             self._forget(vm_id, "its boot failed")
             raise
@@ -189,6 +198,12 @@ class HostAgent:
         if vm_id in self.ended:
             return self.ended[vm_id]
         raise VmNotFound(f"no VM {vm_id} on this host")
+
+    def logs(self, vm_id: str) -> dict[str, str]:
+        """A VM's serial console (kernel, initramfs, guest agent) and its VMM's log, each size-bounded."""
+        self.vm(vm_id)  # VmNotFound for an id this agent does not know
+        directory = self.config.run_dir / vm_id
+        return {"serial": tail(directory / "serial.log"), "vmm": tail(directory / f"{ChVm.vmm}.log")}
 
     def list_vms(self) -> list[dict[str, Any]]:
         return [self.vm(v) for v in self.vms]
@@ -211,7 +226,8 @@ class HostAgent:
         vm = self.vms.get(vm_id)
         if vm is None:
             return self.vm(vm_id)
-        await vm.stop(grace, remove_logs=True)
+        await vm.stop(grace)
+        vm.remove_logs()
         return self.vm(vm_id)
 
     def renew(self, controller: str, ttl: float) -> dict[str, Any]:
@@ -222,7 +238,9 @@ class HostAgent:
     async def release(self, controller: str, why: str = "its controller released it", grace: float = 5.0) -> None:
         """Stop every VM of `controller` (each with `grace` seconds to power off) and forget its lease."""
         mine = [self.vms[v.id] for v in list(self.ledger.vms.values()) if v.controller == controller and v.id in self.vms]
-        await asyncio.gather(*(vm.stop(grace, remove_logs=True) for vm in mine), return_exceptions=True)
+        await asyncio.gather(*(vm.stop(grace) for vm in mine), return_exceptions=True)
+        for vm in mine:
+            vm.remove_logs()
         self.ledger.drop(controller, why)
 
     # -- inside ----------------------------------------------------------------------------------
@@ -247,20 +265,20 @@ class HostAgent:
 
     def _vm(self, lease: VmLease, gpus: list[GpuGroup] | None = None) -> ChVm:
         request = CreateVm.model_validate(lease.request)
-        image = request.image
+        node, image = request.node, request.node.image
         spec = vm_spec(node_id=lease.id, kernel=image / "vmlinuz",
                        initramfs=image / "initrd.img" if (image / "initrd.img").is_file() else None,
-                       image=image / "rootfs.img", cpus=request.cpus, memory_mib=request.memory_mib,
+                       image=image / "rootfs.img", cpus=node.cpus, memory_mib=node.memory_mib,
                        vsock_cid=lease.cid, tap=lease.tap, mac=lease.mac, sysfs_root=self.config.host_root,
-                       gpus=self._check_gpus(request.gpus) if gpus is None else gpus)
-        guest = {**request.guest, "reconnect_s": self.config.reconnect_s}
+                       gpus=self._check_gpus(node.gpus) if gpus is None else gpus)
+        network = None
         if lease.address:
-            gateway = next(self.config.subnet.hosts())
-            guest["network"] = {"address": lease.address, "gateway": str(gateway), "mac": lease.mac}
-        env = {"HEARTH_STANDIN": json.dumps(request.standin)} if request.standin is not None else None
-        return ChVm(spec, self.config.run_dir, binary=self.config.cloud_hypervisor, on_event=self._on_event,
-                    guest_config=guest, env=env, create_tap=lease.tap is not None, bridge=self.config.bridge,
-                    tied_to_parent=False)
+            network = GuestNetwork(address=lease.address, gateway=str(next(self.config.subnet.hosts())), mac=lease.mac)
+        guest = GuestConfig.for_node(node, network=network, reconnect_s=self.config.reconnect_s)
+        standin = request.standin if request.standin is not None else self.config.standin
+        env = {"HEARTH_STANDIN": json.dumps(standin)} if standin is not None else None
+        return ChVm(spec, self.config.run_dir, guest, binary=self.config.cloud_hypervisor, on_event=self._on_event,
+                    env=env, create_tap=lease.tap is not None, bridge=self.config.bridge, tied_to_parent=False)
 
     def _on_event(self, event: NodeEvent) -> None:
         if event.state == NodeState.stopped and event.node in self.vms:
@@ -305,19 +323,17 @@ class HostAgent:
             else:
                 why = ("its VMM was gone" if pid is None else "it had not booted when the agent stopped" if not lease.booted
                        else "its controller's lease had expired")
-            self._remove_remains(lease, pid, api_socket.parent)
+            await self._remove_remains(lease, pid, api_socket.parent)
             self.ledger.release(lease.id, f"agent restart: {why}")
         for controller in expired:
             self.ledger.drop(controller, "its controller's lease expired")
 
-    def _remove_remains(self, lease: VmLease, pid: int | None, directory: Path) -> None:
+    async def _remove_remains(self, lease: VmLease, pid: int | None, directory: Path) -> None:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists() or "State:\tZ" in _status(pid):
-                    break
-                time.sleep(0.05)
+                process = AdoptedProcess(pid)
+                if not await terminate(process, 0):
+                    raise AgentError(f"VMM {pid} of VM {lease.id} outlived SIGKILL")
         if lease.tap and tap_exists(lease.tap):
             delete_tap(lease.tap)
         shutil.rmtree(directory, ignore_errors=True)
@@ -325,13 +341,22 @@ class HostAgent:
 
 def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
     history = vm.history
-    return {"id": vm.spec.node_id, "uid": lease.request.get("uid", "") if lease else "",
+    return {"id": vm.spec.node_id, "uid": _uid(lease) if lease else "",
             "state": history.state.value if history.state else "new",
             "controller": lease.controller if lease else None, "gpus": lease.gpus if lease else [],
             "address": lease.address if lease else None, "tap": lease.tap if lease else None,
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
+            "guest_profile": vm.guest_profile,
             "heard_s_ago": round(time.monotonic() - vm.channel.last_heard, 1) if vm.channel and vm.channel.last_heard else None,
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
+
+
+def _uid(lease: VmLease) -> str:
+    return lease.request.get("node", {}).get("uid", "")
+
+
+def _is_standin(binary: str) -> bool:
+    return Path(binary).name.endswith("-standin")
 
 
 def _find_vmm(api_socket: Path) -> int | None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import math
 import os
 import signal
 import socket
@@ -25,6 +26,11 @@ from aiohttp import web
 
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
+from provisioner.node import NODE_ID
+
+
+MAX_GRACE_S = 120.0  # a stop's polite part; after it, SIGTERM and SIGKILL
+MAX_TTL_S = 3600.0  # a controller lease that is never renewed ends within this: no VM is immortal
 
 
 def app(agent: HostAgent) -> web.Application:
@@ -56,13 +62,17 @@ def app(agent: HostAgent) -> web.Application:
         after, wait = _number(request, "after", 0), _number(request, "wait", 0)
         return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid")))
 
+    @routes.get("/v1/vms/{id}/logs")
+    async def logs(request: web.Request) -> web.Response:
+        return _json(await asyncio.to_thread(agent.logs, _vm_id(request)))
+
     @routes.delete("/v1/vms/{id}")
     async def delete(request: web.Request) -> web.Response:
-        return _json(await agent.delete_vm(_vm_id(request), _number(request, "grace", 5)))
+        return _json(await agent.delete_vm(_vm_id(request), min(_number(request, "grace", 5), MAX_GRACE_S)))
 
     @routes.post("/v1/leases/{controller}")
     async def renew(request: web.Request) -> web.Response:
-        return _json(agent.renew(request.match_info["controller"], max(1.0, _number(request, "ttl", 30))))
+        return _json(agent.renew(request.match_info["controller"], min(max(1.0, _number(request, "ttl", 30)), MAX_TTL_S)))
 
     @routes.delete("/v1/leases/{controller}")
     async def release(request: web.Request) -> web.Response:
@@ -91,14 +101,21 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def _vm_id(request: web.Request) -> str:
-    return request.match_info["id"]
+    """Checked before it becomes part of any path: a VM id is a node id."""
+    vm_id = request.match_info["id"]
+    if not NODE_ID.fullmatch(vm_id):
+        raise AgentError(f"{vm_id[:80]!r} is not a VM id: up to 63 lower-case letters, digits and '-'")
+    return vm_id
 
 
 def _number(request: web.Request, name: str, default: float) -> float:
     try:
-        return float(request.query.get(name, default))
+        value = float(request.query.get(name, default))
     except ValueError:
-        raise AgentError(f"query parameter {name} must be a number") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise AgentError(f"query parameter {name} must be a finite number of at least 0")
+    return value
 
 
 async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
@@ -148,7 +165,7 @@ def _claim(path: Path) -> None:
 
 def spawn(socket_path: Path, state_dir: Path, run_dir: Path, *, host_root: Path = Path("/"),
           cloud_hypervisor: str = "cloud-hypervisor", bridge: str | None = None, subnet: str | None = None,
-          log: Path | None = None, timeout: float = 30.0) -> subprocess.Popen:
+          log: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `hearth agent` as a process of its own (benchmarks and tests; hosts use the systemd unit) and
     return once it says it serves (its output goes to `log`, default `<state_dir>.log`)."""
     argv = [sys.executable, "-m", "provisioner.cli", "agent", "--socket", str(socket_path), "--state-dir",
@@ -161,7 +178,7 @@ def spawn(socket_path: Path, state_dir: Path, run_dir: Path, *, host_root: Path 
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, env=None if env is None else {**os.environ, **env})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         said = log.read_bytes()[start:].decode(errors="replace")

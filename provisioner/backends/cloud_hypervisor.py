@@ -3,7 +3,8 @@
     open()   connect to every host's agent (its socket, or through SSH), check the image is there, and
              return the GPUs they have free; then renew this controller's lease on every host, every
              lease_s / 3 seconds, for as long as the cluster lives
-    node()   an `AgentVm`: PUT the VM on its host's agent, then follow its events (long polls)
+    node()   an `AgentVm`: PUT the node's `NodeSpec` on its host's agent (with what is left of its boot
+             deadline), then follow its events (long polls); its logs and inner boot phases come from there
     close()  release the lease on every host (the agents stop whatever VMs are left), close the tunnels
 
 When the controller dies (the kernel is killed, the network splits) nothing renews its lease and every
@@ -22,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.agent.client import AgentClient, connect
-from provisioner.backends import JoinInfo
-from provisioner.errors import SpecError
-from provisioner.errors import AgentRefused, AgentUnreachable, InvalidTransition
+from provisioner.errors import AgentRefused, AgentUnreachable, InvalidTransition, SpecError
 from provisioner.events import ENDING, TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
-from provisioner.placement import GpuSlot, NodePlacement, host_slots
-from provisioner.spec import ClusterSpec
 from provisioner.hosts import Host
+from provisioner.node import NodeSpec
+from provisioner.placement import GpuSlot, host_slots
 
 StandinSettings = Callable[[str], dict[str, Any]]
 AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (a restart) before it counts as failed
@@ -38,14 +37,14 @@ class CloudHypervisorBackend:
     name = "cloud-hypervisor"
     physical_gpus = True
 
-    def __init__(self, spec: ClusterSpec, hosts: list[Host], run_dir: Path, *,
+    def __init__(self, hosts: list[Host], run_dir: Path, *, cluster: str, image: Path | None,
                  standin: StandinSettings | None = None, lease_s: float = 30.0) -> None:
-        self.spec = spec
+        self.image = image
         self.hosts = {h.name: h for h in hosts}
         self.run_dir = run_dir
         self.standin = standin  # stand-in VMM settings per node id, for tests and benchmarks
         self.lease_s = lease_s
-        self.controller = f"{spec.name}-{secrets.token_hex(4)}"
+        self.controller = f"{cluster}-{secrets.token_hex(4)}"
         self.agents: dict[str, AgentClient] = {}
         self._renewer: asyncio.Task | None = None
 
@@ -59,7 +58,7 @@ class CloudHypervisorBackend:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-            infos = await asyncio.gather(*(a.info(self.spec.image) for a in self.agents.values()))
+            infos = await asyncio.gather(*(a.info(self.image) for a in self.agents.values()))
             problems = [f"host {a.host}: {i['image_problem']}" for a, i in zip(self.agents.values(), infos)
                         if i.get("image_problem")]
             if problems:
@@ -89,48 +88,55 @@ class CloudHypervisorBackend:
             await asyncio.gather(*(a.renew(self.controller, self.lease_s) for a in self.agents.values()),
                                  return_exceptions=True)  # a host that misses one renewal has two more chances
 
-    def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
-             on_event: OnEvent | None) -> AgentVm:
-        body = {
-            "controller": self.controller, "uid": secrets.token_hex(8), "lease_s": self.lease_s, "cpus": self.spec.cpus,
-            "memory_mib": self.spec.memory_gib * 1024, "image": str(self.spec.image),
-            "gpus": [{"address": g.address, "clique": g.clique} for g in placement.gpus],
-            "guest": {"ray": {"address": join.address, "token": join.token, "labels": join.labels,
-                              "num_cpus": join.num_cpus, "num_gpus": join.num_gpus}, "env": join.env},
-        }
+    def node(self, spec: NodeSpec, history: NodeHistory, on_event: OnEvent | None) -> AgentVm:
+        request = {"controller": self.controller, "lease_s": self.lease_s, "node": spec.model_dump(mode="json")}
         if self.standin is not None:
-            body["standin"] = self.standin(placement.node_id)
-        return AgentVm(self.agents[placement.host], placement.node_id, body, history, on_event,
-                       boot_timeout=self.spec.boot_timeout)
+            request["standin"] = self.standin(spec.id)
+        return AgentVm(self.agents[spec.host], spec, request, NodeTracker(history, on_event))
 
 
 class AgentVm:
     """One node's VM on its host's agent, mirrored here: the agent's events become this node's events."""
 
-    def __init__(self, agent: AgentClient, node_id: str, body: dict[str, Any], history: NodeHistory,
-                 on_event: OnEvent | None, boot_timeout: float) -> None:
+    def __init__(self, agent: AgentClient, spec: NodeSpec, request: dict[str, Any], tracker: NodeTracker) -> None:
         self.agent = agent
-        self.node_id = node_id
-        self.body = body
-        self.tracker = NodeTracker(history, on_event)
-        self.history = history
-        self.boot_timeout = boot_timeout
+        self.node_id = spec.id
+        self.uid = spec.uid
+        self.request = request  # the agent's CreateVm, but for `budget_s`, which start() adds
+        self.tracker = tracker
+        self.history = tracker.history
+        self.guest_profile: dict[str, float] = {}
         self.exited = asyncio.Event()
         self._seen = 0
         self._created = False
         self._watcher: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        """PUT the VM; returns once its vm.boot answered. Its events are followed meanwhile, so a long
-        vm.boot shows as booting. A dropped connection (the agent restarting) is retried: PUT is idempotent."""
+    async def start(self, deadline: float) -> None:
+        """PUT the VM; returns once its vm.boot answered. The agent gets what is left of the boot deadline and
+        bounds its own waits by it. Its events are followed meanwhile, so a long vm.boot shows as booting. A
+        dropped connection (the agent restarting) is retried: PUT is idempotent."""
         self._watcher = asyncio.create_task(self._watch())
+
+        def create() -> Any:
+            budget = max(deadline - time.monotonic(), 0.001)
+            return self.agent.create_vm(self.node_id, {**self.request, "budget_s": budget}, timeout=budget + 10)
+
         try:
-            vm = await self._reaching(lambda: self.agent.create_vm(self.node_id, self.body, timeout=self.boot_timeout))
+            vm = await self._reaching(create)
         except BaseException:
             self._watcher.cancel()
             raise
         self._created = True
         self._mirror(vm)
+
+    async def logs(self) -> str:
+        """The VM's serial console and its VMM's log, as its host agent keeps them."""
+        try:
+            logs = await self.agent.vm_logs(self.node_id)
+        except (AgentRefused, AgentUnreachable) as error:
+            return f"(no logs: {error})"
+        return "\n".join(part for part in (logs["serial"], logs["vmm"] and f"--- cloud-hypervisor log ---\n{logs['vmm']}")
+                         if part)
 
     async def wait_for(self, state: NodeState, timeout: float) -> None:
         await self.tracker.wait_for(state, timeout)
@@ -155,7 +161,7 @@ class AgentVm:
     async def _watch(self) -> None:
         while True:
             try:
-                vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 20, self.body["uid"]))
+                vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 20, self.uid))
             except AgentRefused as error:
                 if error.status != 404:  # the agent failed to answer: say so, rather than end silently
                     if self.history.state not in TERMINAL:
@@ -178,6 +184,7 @@ class AgentVm:
 
     def _mirror(self, vm: dict[str, Any]) -> None:
         """Take the agent's new events (its requested/placed are the engine's here)."""
+        self.guest_profile = vm.get("guest_profile") or self.guest_profile
         events = vm["events"]
         if len(events) < self._seen:  # a restarted agent adopted the VM and began a new history
             self._seen = 0

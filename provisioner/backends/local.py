@@ -5,7 +5,7 @@ It is the embedded default (laptops, demos, CI). A node gets the same labels and
     guest_up     it printed its first line        ray_joined  "Ray runtime started"
 Ray sees `gpus_per_node` GPUs on it, as `ray.cluster_utils.Cluster` fakes them, so GPU code schedules.
 Each node has its own temp dir and ports (several raylets on one machine race for Ray's defaults), dies
-with the process that started it (PR_SET_PDEATHSIG), and its whole process group is killed on stop.
+with the process that started it (PR_SET_PDEATHSIG), and its whole process group is ended on stop.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import shutil
 from collections import deque
 from pathlib import Path
 
-from provisioner.backends import JoinInfo
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
-from provisioner.placement import NodePlacement
-from provisioner.processes import die_with_parent, stop_process_group
+from provisioner.node import NodeSpec
+from provisioner.processes import die_with_parent, signal_leader, terminate
 from provisioner.ray_head import free_ports, local_env, node_ports, ray_executable
+
+OUTPUT_LINES = 200  # of `ray start`'s output, kept for logs() and a failure's reason
 
 
 class LocalBackend:
@@ -36,37 +37,38 @@ class LocalBackend:
     async def close(self) -> None:
         pass
 
-    def node(self, placement: NodePlacement, join: JoinInfo, history: NodeHistory,
-             on_event: OnEvent | None) -> LocalNode:
-        index = placement.node_id.rsplit("-", 1)[-1]  # short: Ray's socket paths under it have 107 bytes
-        return LocalNode(self.work_dir / index, join, NodeTracker(history, on_event))
+    def node(self, spec: NodeSpec, history: NodeHistory, on_event: OnEvent | None) -> LocalNode:
+        index = spec.id.rsplit("-", 1)[-1]  # short: Ray's socket paths under it have 107 bytes
+        return LocalNode(self.work_dir / index, spec, NodeTracker(history, on_event))
 
 
 class LocalNode:
-    def __init__(self, work_dir: Path, join: JoinInfo, tracker: NodeTracker) -> None:
+    def __init__(self, work_dir: Path, spec: NodeSpec, tracker: NodeTracker) -> None:
         self.dir = work_dir
-        self.join = join
+        self.guest_profile: dict[str, float] = {}  # no VM: the boot profile is the whole story
+        self.spec = spec
         self.tracker = tracker
         self.history = tracker.history
         self.process: asyncio.subprocess.Process | None = None
         self.exited = asyncio.Event()
-        self.output: deque[str] = deque(maxlen=20)
+        self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self._stopping = False
         self._reader: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def start(self, deadline: float) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         low = free_ports(1)[0]  # a worker port range of its own, so raylets don't race for ports
-        labels = ",".join(f"{k}={v}" for k, v in self.join.labels.items())
-        host, _ = self.join.address.rsplit(":", 1)
+        ray = self.spec.ray
+        labels = ",".join(f"{k}={v}" for k, v in ray.labels.items())
+        host, _ = ray.address.rsplit(":", 1)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                ray_executable(), "start", f"--address={self.join.address}", "--block",
-                f"--num-cpus={self.join.num_cpus}", f"--num-gpus={self.join.num_gpus}", f"--labels={labels}",
+                ray_executable(), "start", f"--address={ray.address}", "--block",
+                f"--num-cpus={ray.num_cpus}", f"--num-gpus={ray.num_gpus}", f"--labels={labels}",
                 f"--node-ip-address={host}", f"--temp-dir={self.dir}", "--disable-usage-stats",
                 f"--min-worker-port={low}", f"--max-worker-port={min(low + 99, 65535)}", *node_ports(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                env=local_env(**self.join.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.join.token),
+                env=local_env(**self.spec.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray.token),
                 start_new_session=True, preexec_fn=die_with_parent)
         except OSError as error:
             self.tracker.transition(NodeState.failed, f"cannot run ray start: {error}")
@@ -84,7 +86,7 @@ class LocalNode:
         if self.tracker.state not in (NodeState.stopping, NodeState.stopped):
             self.tracker.transition(NodeState.stopping)
         if self.process is not None:
-            await stop_process_group(self.process, grace)
+            await terminate(self.process, grace, polite=signal_leader(self.process))
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -92,6 +94,9 @@ class LocalNode:
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.tracker.state != NodeState.stopped:
             self.tracker.transition(NodeState.stopped)
+
+    async def logs(self) -> str:
+        return "\n".join(self.output)
 
     async def _follow(self) -> None:
         """Read `ray start`'s output for the boot phases; notice when the process ends."""
@@ -105,6 +110,7 @@ class LocalNode:
         code = await self.process.wait()
         self.exited.set()
         if not self._stopping and self.tracker.state not in TERMINAL:
-            tail = "\n    ".join(list(self.output)[-5:])
-            self.tracker.transition(NodeState.failed, f"ray start exited with status {code}; last output:\n    {tail}")
+            tail = [line.strip() for line in self.output if line.strip()][-4:]
+            self.tracker.transition(NodeState.failed, f"ray start exited with status {code}: "
+                                    + (" | ".join(tail) if tail else "it printed nothing"))
             await self.stop()

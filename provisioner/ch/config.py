@@ -22,36 +22,24 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from provisioner.errors import validated
+from provisioner.node import NODE_ID, GpuRequest
 from vfio.address import parse_address
 
 NODE_NAMESPACE = uuid.UUID("6f1c2b8e-6d53-4c1f-9a0e-8e5b7b1d0c11")
 MAX_PCI_SEGMENTS = 96
 
 
-class GpuGroup(BaseModel):
-    """One GPU handed to the VM: the sysfs paths of every function of its IOMMU group."""
+class GpuGroup(GpuRequest):
+    """One GPU handed to the VM, with the other functions of its IOMMU group (audio, USB, UCSI): the host
+    agent adds them to what the node asked for."""
 
-    model_config = ConfigDict(extra="forbid")
-    address: str
-    functions: list[str] = []  # the group's other functions (audio, USB, UCSI); the GPU itself is implied
-    clique: int | None = None
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return parse_address(value)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    functions: list[str] = []  # the GPU itself is implied
 
     @field_validator("functions")
     @classmethod
     def _functions(cls, value: list[str]) -> list[str]:
         return [parse_address(v) for v in value]
-
-    @field_validator("clique")
-    @classmethod
-    def _clique(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value <= 127:
-            raise ValueError("an NVLink clique id is 0..127 (CH's x_nv_gpudirect_clique is an int8)")
-        return value
 
 
 class VmSpec(BaseModel):
@@ -80,7 +68,7 @@ class VmSpec(BaseModel):
     @field_validator("node_id")
     @classmethod
     def _node_id(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+        if not NODE_ID.fullmatch(value):
             raise ValueError("use lower-case letters, digits and '-', at most 63 (it names sockets and taps)")
         return value
 

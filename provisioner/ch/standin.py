@@ -21,17 +21,22 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
     seed            for the latency draw (default: random)
     fault           "boot-fails" | "crash-mid-boot" | "hang:<endpoint>" | "slow-boot"
     slow_x          how much slower "slow-boot" is (default 20)
-    guest           argv of the guest program, or "builtin": a simulated guest agent inside the stand-in
-                    (hello, config, `join_s` later ready, heartbeats; powers off when the host end goes
-                    away), which lets one machine run many VMs' worth of stand-ins (benchmarks)
-                    (default: none; the "guest" idles until powered off)
+    guest           what runs once the VM booted: "agent" (hearth's real guest agent, guest/agent.py, run on
+                    this host in its hosted mode: vsock as CH maps it to Unix sockets, no mounts, no network
+                    changes, and its "power off" ends its own process group), "builtin" (a simulated guest
+                    agent inside the stand-in, light enough for many VMs' worth of stand-ins on one machine:
+                    the benchmarks), or the argv of a guest program (default: none; the guest idles until
+                    powered off). Whatever it is lives in a process group of its own, which ends with the VM.
     join_s          the builtin guest's time from hello to ready, as a Ray join would take (default 0)
+    poweroff_after  the builtin guest powers off this many seconds after it joined (default: never)
     version         what vmm.ping reports (default "v53.0")
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -241,7 +246,8 @@ class StandIn:
             return
         config = self.config
         if argv == "builtin":
-            self.guest = _BuiltinGuest(self, config, float(self.settings.get("join_s", 0)))
+            self.guest = _BuiltinGuest(self, config, float(self.settings.get("join_s", 0)),
+                                       float(self.settings.get("poweroff_after", 1e9)))
             self.guest.start()
             threading.Thread(target=self._watch_guest, args=(self.guest,), daemon=True).start()
             return
@@ -253,14 +259,24 @@ class StandIn:
         if config.get("vsock"):
             env["HEARTH_VSOCK_SOCKET"] = config["vsock"]["socket"]
             env["HEARTH_VSOCK_CID"] = str(config["vsock"]["cid"])
+        if argv == "agent":
+            # The guest agent on a host: only this variable makes it run anywhere but as a VM's PID 1, and
+            # then it acts on nothing but its own processes (see guest/agent.py, `Hosted`).
+            argv = [sys.executable, importlib.util.find_spec("guest.agent").origin]
+            env["HEARTH_GUEST_HOSTED"] = config["vsock"]["socket"]
+            env["HEARTH_GUEST_BOOTED_AT"] = repr(time.time())
         serial = config.get("serial", {})
         out = open(serial["file"], "ab") if serial.get("mode") == "File" else subprocess.DEVNULL
-        self.guest = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.guest = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
         self.say(f"guest program started: pid {self.guest.pid}")
         threading.Thread(target=self._watch_guest, args=(self.guest,), daemon=True).start()
 
     def _watch_guest(self, guest: subprocess.Popen) -> None:
         code = guest.wait()
+        if isinstance(guest, subprocess.Popen):  # the VM is off: nothing that ran in it outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(guest.pid, signal.SIGKILL)
         if self.guest is guest:  # it ended by itself (poweroff), not by _stop_guest
             self._guest_gone(code)
 
@@ -274,7 +290,11 @@ class StandIn:
             self.exit(0)
 
     def _stop_guest(self) -> None:
+        """The VM ends: everything that ran in it goes (a guest program's whole process group)."""
         guest, self.guest = self.guest, None
+        if isinstance(guest, subprocess.Popen):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(guest.pid, signal.SIGKILL)
         if guest is not None:
             guest.kill()
             guest.wait()
@@ -283,9 +303,9 @@ class StandIn:
 class _BuiltinGuest(threading.Thread):
     """A simulated guest agent, for many stand-ins on one machine. Offers what the stand-in uses of Popen."""
 
-    def __init__(self, vmm: StandIn, config: dict[str, Any], join_s: float) -> None:
+    def __init__(self, vmm: StandIn, config: dict[str, Any], join_s: float, poweroff_after: float) -> None:
         super().__init__(daemon=True)
-        self.vmm, self.config, self.join_s = vmm, config, join_s
+        self.vmm, self.config, self.join_s, self.poweroff_after = vmm, config, join_s, poweroff_after
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -306,7 +326,7 @@ class _BuiltinGuest(threading.Thread):
                         if self.halt.wait(self.join_s):
                             return
                         joined = True
-                        deadline = time.monotonic() + config.get("poweroff_after", 1e9)
+                        deadline = time.monotonic() + self.poweroff_after
                     self._send(stream, {"op": "ready"})
                     while not self.halt.is_set() and time.monotonic() < deadline:
                         if select.select([sock], [], [], 0.5)[0]:
@@ -412,6 +432,8 @@ def _handler(vmm: StandIn) -> type[BaseHTTPRequestHandler]:
             if not path.startswith(spec.API_ROOT + "/"):
                 raise ApiError(404, "Not Found")
             endpoint = path[len(spec.API_ROOT) + 1:]
+            if self.headers.get("X-Hearth-Deadline"):  # real CH skips it; here it shows the boot budget arrived
+                vmm.say(f"{endpoint}: the client waits up to {self.headers['X-Hearth-Deadline']} s")
             try:
                 spec.endpoint(method, endpoint)
             except KeyError:

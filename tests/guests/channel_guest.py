@@ -3,8 +3,8 @@
 Run by the stand-in after vm.boot, like a guest agent would start after the kernel: it connects to the
 host end as vsock does on the host side (`$HEARTH_VSOCK_SOCKET_1024`), says hello with the node id from
 the SMBIOS OEM string, takes its config, says ready, and heartbeats. It powers off (exits) when the host
-says stop, when the config says `poweroff_after`, on SIGTERM (the power button), or when the host end
-goes away (its parent died).
+says stop, `--poweroff-after S` seconds after it joined, on SIGTERM (the power button), or when the host
+end goes away (its parent died). It does not reconnect: it is less forgiving than the real guest agent.
 """
 
 import json
@@ -32,7 +32,8 @@ send({"op": "hello", "node": node, "detail": f"guest pid {os.getpid()}"})
 config = json.loads(stream.readline())
 print(f"guest {node}: config {sorted(config)}", flush=True)
 send({"op": "ready"})
-deadline = time.monotonic() + config.get("poweroff_after", 1e9)
+deadline = time.monotonic() + (float(sys.argv[sys.argv.index("--poweroff-after") + 1])
+                               if "--poweroff-after" in sys.argv else 1e9)
 while time.monotonic() < deadline:
     if not select.select([sock], [], [], 0.1)[0]:
         send({"op": "heartbeat"})

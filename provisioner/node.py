@@ -1,0 +1,111 @@
+"""What one node is asked to be: `NodeSpec`, the one request every backend and the host agent take, and
+`GuestConfig`, the one message a guest agent gets over its guest channel.
+
+The engine builds a `NodeSpec` once per boot attempt, from the cluster spec, the node's placement and the
+Ray head; a backend makes the node from it, and the cloud-hypervisor backend sends it unchanged to the
+node's host agent, which validates it with this same model. Whoever runs the VM (the host agent, or the qemu
+backend on this machine) adds the guest's network and its patience, and sends the guest a `GuestConfig`
+built by `GuestConfig.for_node`. The Ray token travels in both and nowhere else: never on a command line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vfio.address import parse_address
+
+NODE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # it names sockets, taps' owners, directories and Ray labels
+
+
+class GpuRequest(BaseModel):
+    """One GPU a node asks its host for; the host adds the other functions of its IOMMU group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    address: str
+    clique: int | None = None  # the NVLink clique it shares with the node's other GPUs (x_nv_gpudirect_clique)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return parse_address(value)
+
+    @field_validator("clique")
+    @classmethod
+    def _clique(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 127:
+            raise ValueError("an NVLink clique id is 0..127 (CH's x_nv_gpudirect_clique is an int8)")
+        return value
+
+
+class RayJoin(BaseModel):
+    """How the node's raylet joins the cluster's head."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    address: str  # host:port of the head's GCS
+    token: str = Field(repr=False)  # RAY_AUTH_TOKEN: never logged, never on a command line
+    labels: dict[str, str] = {}
+    num_cpus: int = 1
+    num_gpus: int = 0
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    uid: str  # this boot attempt's own name: a retried node keeps its id, never its uid
+    host: str  # the host it is placed on, by name in the hosts file
+    cpus: int = 1
+    memory_mib: int = 4096
+    gpus: list[GpuRequest] = []
+    image: Path | None = None  # the guest image directory on the host (VMs)
+    ray: RayJoin
+    env: dict[str, str] = {}
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not NODE_ID.fullmatch(value):
+            raise ValueError("a node id is up to 63 lower-case letters, digits and '-'")
+        return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: int) -> int:
+        if not 1 <= value <= 254:
+            raise ValueError("a node has 1 to 254 vCPUs")
+        return value
+
+    @field_validator("memory_mib")
+    @classmethod
+    def _memory(cls, value: int) -> int:
+        if value < 128:
+            raise ValueError("give the node at least 128 MiB (Ray alone needs about 1 GiB)")
+        return value
+
+
+class GuestNetwork(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    address: str  # the guest's, with its prefix: 10.77.1.5/24
+    gateway: str  # the host's bridge, where the Ray head is reached
+    mac: str
+
+
+class GuestConfig(BaseModel):
+    """The guest agent's config, sent in answer to its hello (guest/agent.py reads it as plain JSON)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    node: str
+    ray: RayJoin
+    env: dict[str, str] = {}
+    network: GuestNetwork | None = None
+    reconnect_s: float = 30.0  # how long the guest waits for a host end that went away before it powers off
+
+    @classmethod
+    def for_node(cls, node: NodeSpec, *, network: GuestNetwork | None, reconnect_s: float) -> GuestConfig:
+        return cls(node=node.id, ray=node.ray, env=node.env, network=network, reconnect_s=reconnect_s)
+
+    def message(self) -> dict:
+        """The wire form: {"op": "config", ...}, the token included (the channel is the VM's own)."""
+        return {"op": "config", **self.model_dump(mode="json")}
