@@ -46,8 +46,10 @@ PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
               "metrics-export-port", "runtime-env-agent-port")
 VM_PORTS = dict(zip(PORT_FLAGS, range(6380, 6386)))  # one node per VM: fixed ports
 RAYLET_WAIT_S = 300
-# `ray start` wrapped in two corrections for slow (emulated) guests, nothing else about Ray changes:
-# - it gives a new raylet 30 s (hard-coded) to register with the GCS: retry Ray's own lookup for RAYLET_WAIT_S;
+# `ray start` wrapped in two corrections for slow machines (emulated guests, loaded hosts), nothing else about
+# Ray changes; every Ray node hearth starts (the head, local nodes, guests) starts this way:
+# - it gives a new raylet 30 s (hard-coded in ray/_private/node.py) to register with the GCS: retry Ray's own
+#   lookup for RAYLET_WAIT_S;
 # - it does not hand the raylet the dashboard agent's listen port, though the raylet has a flag for it, so the
 #   raylet waits a fixed 15 s for the agent to write the port to a file, and aborts after that ("Timed out
 #   waiting for file .../dashboard_agent_listen_port_<node>"). An agent under TCG needs longer than 15 s to
@@ -76,6 +78,12 @@ from ray.scripts.scripts import main
 sys.argv[0] = "ray"
 sys.exit(main())
 """
+
+
+def ray_start(python: str, ports: dict[str, int]) -> list[str]:
+    """`ray start` run by `python`, corrected as above, with the raylet's and its agents' ports (PORT_FLAGS)."""
+    wrapper = RAY_START.format(wait=RAYLET_WAIT_S, port=ports["dashboard-agent-listen-port"])
+    return [python, "-c", wrapper, "start", *(f"--{name}={port}" for name, port in ports.items())]
 
 
 def say(message: str) -> None:
@@ -167,6 +175,10 @@ class Vm:
         return network["address"].split("/")[0]
 
     @staticmethod
+    def vm_gone() -> bool:
+        return False  # PID 1 goes with its VM
+
+    @staticmethod
     def reap() -> None:
         """PID 1 adopts every orphan (Ray's daemons among them): collect the ones that ended."""
         while True:
@@ -199,7 +211,9 @@ class Hosted:
                              "so that powering off ends only its own processes")
         self.path = f"{vsock_socket}_{GUEST_PORT}"  # as Cloud Hypervisor maps a guest's connection to port P
         self.booted_at = float(os.environ.get("HEARTH_GUEST_BOOTED_AT") or time.time())
-        self.ray_dir = tempfile.mkdtemp(prefix="hg-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.vmm = os.getppid()  # the stand-in: when it is gone, so is this VM
+        # The VM's own disk, which the stand-in made and removes (short: Ray's socket paths live under it).
+        self.ray_dir = os.environ.get("HEARTH_GUEST_TMP") or tempfile.mkdtemp(prefix="hg-", dir="/tmp")
         self.ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))  # VMs share this host's ports
         with contextlib.suppress(OSError, AttributeError):  # Ray's daemons stay ours to reap and to end
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -233,6 +247,9 @@ class Hosted:
         return None  # the host's network is not the node's: Ray finds the head from here as it is
 
     reap = staticmethod(Vm.reap)
+
+    def vm_gone(self) -> bool:
+        return os.getppid() != self.vmm
 
     def power_off(self, reason: str) -> None:
         say(f"powering off (hosted: ending this guest's own process group): {reason}")
@@ -356,6 +373,8 @@ class Node:
         """Connect (with backoff) and say hello, until the config arrives; power off after `within` s alone."""
         backoff, since = 0.1, time.monotonic()
         while True:
+            if self.machine.vm_gone():
+                self.machine.power_off("its VMM is gone")
             if self.channel.connected or self._reconnect():
                 try:
                     message = self.channel.receive(2.0)
@@ -377,6 +396,7 @@ class Node:
     def _reconnect(self) -> bool:
         if not self.channel.connect():
             return False
+        say("guest channel: connected to the host end" + (" again" if self.ready is not None else ""))
         try:
             self.channel.send(self.hello)
             if self.ready is not None:
@@ -391,6 +411,8 @@ class Node:
         gone_since, backoff = None, 0.1
         while True:
             try:
+                if self.machine.vm_gone():
+                    self.machine.power_off("its VMM is gone")
                 if self.reaping.is_set():
                     self.machine.reap()
                 if not self.channel.connected and not self._reconnect():
@@ -408,6 +430,7 @@ class Node:
             except (EOFError, OSError):
                 self.channel.close()
                 gone_since = gone_since or time.monotonic()
+                say(f"guest channel: the host end went away; reconnecting for up to {reconnect_s:g} s")
             except Exception as error:  # noqa: BLE001 - the dead man's switch must outlive any surprise
                 say(f"guest channel: {error!r}")
                 time.sleep(0.5)
@@ -415,13 +438,9 @@ class Node:
 
 def start_ray(machine: Vm | Hosted, ray: dict, env: dict, address: str | None) -> None:
     labels = ",".join(f"{k}={v}" for k, v in ray.get("labels", {}).items())
-    wrapper = RAY_START.format(wait=RAYLET_WAIT_S, port=machine.ports["dashboard-agent-listen-port"])
-    argv = [machine.python, "-c", wrapper, "start", f"--address={ray['address']}",
+    argv = [*ray_start(machine.python, machine.ports), f"--address={ray['address']}",
             f"--num-cpus={ray.get('num_cpus', 1)}", f"--num-gpus={ray.get('num_gpus', 0)}", f"--labels={labels}",
-            "--disable-usage-stats", f"--temp-dir={machine.ray_dir}",
-            # The raylet is given each agent's port instead of waiting, a fixed 15 s, for the agent to write it
-            # to a file, which an emulated guest's agents are too slow for.
-            *(f"--{name}={port}" for name, port in machine.ports.items())]
+            "--disable-usage-stats", f"--temp-dir={machine.ray_dir}"]
     argv.append(f"--node-ip-address={address or _toward(ray['address'])}")
     environment = {"PATH": f"{os.path.dirname(machine.python)}:/usr/sbin:/usr/bin:/sbin:/bin",
                    "HOME": os.environ.get("HOME", "/root"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray["token"],
@@ -432,8 +451,13 @@ def start_ray(machine: Vm | Hosted, ray: dict, env: dict, address: str | None) -
                    # The image's Python may differ from the controller's in the patch release (Debian's 3.11.x):
                    # Ray compares only major.minor then (see the README, "The guest image").
                    "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}
+    say(f"ray start: joining {ray['address']} as {ray.get('labels', {}).get('hearth.io/node', '?')}, "
+        f"{ray.get('num_cpus', 1)} CPUs, {ray.get('num_gpus', 0)} GPUs")
+    started = time.monotonic()
     done = subprocess.run(argv, env=environment, capture_output=True, text=True)
-    if done.returncode != 0 or "Ray runtime started" not in done.stdout:
+    if done.returncode == 0 and "Ray runtime started" in done.stdout:
+        say(f"ray start: the node joined in {time.monotonic() - started:.2f} s")
+    else:
         say((done.stdout + done.stderr)[-3000:])
         logs = f"{machine.ray_dir}/session_latest/logs"
         for log in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
@@ -455,8 +479,10 @@ def main() -> None:
     hello = {"op": "hello", "node": me, "detail": f"guest agent up {started:.2f} s after the kernel started",
              "phases": {"kernel_s": started, "agent_s": machine.uptime()}, "gpus": found}
     node = Node(machine, channel, hello)
+    say(f"node {me}, up {started:.2f} s after the kernel started; GPUs: {', '.join(found) or 'none'}")
     config = node.talk(within=60.0)
     configured = machine.uptime()
+    say("config: " + (f"address {config['network']['address']}" if config.get("network") else "no network to set"))
     threading.Thread(target=node.serve, args=(float(config.get("reconnect_s", 30)),), daemon=True).start()
     try:
         address = machine.configure_network(config.get("network") or {})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from provisioner.backends import Backend, NodeProcess, checked
-from provisioner.errors import BootError, HearthError, PlacementError
+from provisioner.errors import BootError, HearthError, PlacementError, RayError
 from provisioner.events import TERMINAL, NodeHistory, NodeState, OnEvent
 from provisioner.node import GpuRequest, NodeSpec, RayJoin
 from provisioner.placement import GpuSlot, NodePlacement, place
@@ -158,16 +158,18 @@ class Engine:
                     # The backend bounds its own waits by the deadline (on a host too); the margin lets a
                     # host's own timeout, with its words, arrive before ours.
                     await asyncio.wait_for(process.start(deadline), _left(deadline) + HOST_MARGIN_S)
-                await process.wait_for(NodeState.ray_joined, _left(deadline))
+                await self._unless_head_dies(process.wait_for(NodeState.ray_joined, _left(deadline)))
                 if self.verify_ray:
                     seen = self._seen_future((record.node_id, str(attempt)))
                     if self._poller is None or self._poller.done():
                         self._poller = asyncio.create_task(self._poll())
-                    record.ray_node_id = await asyncio.wait_for(seen, _left(deadline))
+                    record.ray_node_id = await self._unless_head_dies(asyncio.wait_for(seen, _left(deadline)))
                 process.tracker.transition(NodeState.ready, f"Ray node {record.ray_node_id}" if record.ray_node_id else None)
                 return
             except (HearthError, asyncio.TimeoutError, OSError) as error:
-                reason = _reason(error, self.spec.boot_timeout)
+                # The node's own account (the guest's words, the VMM's last log lines) when it has one.
+                failed = [e.detail for e in history.events if e.state == NodeState.failed and e.detail]
+                reason = failed[-1] if failed else _reason(error, self.spec.boot_timeout)
                 record.errors.append(reason)
                 if history.state not in TERMINAL:
                     process.tracker.transition(NodeState.failed, reason)
@@ -178,6 +180,21 @@ class Engine:
                 except PlacementError as error:
                     record.errors.append(f"no retry: {error}")
                     return
+
+    async def _unless_head_dies(self, waiting):
+        """`waiting`, unless the Ray head exits first (`RayError` in its own words): nobody can join then."""
+        if self.head is None:
+            return await waiting
+        wait, gone = asyncio.ensure_future(waiting), asyncio.ensure_future(self.head.exited.wait())
+        try:
+            await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wait, gone):
+                task.cancel()
+            await asyncio.gather(wait, gone, return_exceptions=True)
+        if not wait.cancelled():
+            return wait.result()
+        raise RayError(self.head.exit_reason())
 
     def node_spec(self, placement: NodePlacement, attempt: int) -> NodeSpec:
         """The one request a backend (and a host agent) gets for this boot attempt of this node."""

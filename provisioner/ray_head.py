@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import socket
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from guest.agent import PORT_FLAGS
+from guest.agent import ray_start as ray_start_command
 from provisioner.errors import RayError
 from provisioner.processes import die_with_parent, signal_leader, terminate
 
@@ -42,12 +43,11 @@ def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
             s.close()
 
 
-def node_ports() -> list[str]:
-    """`ray start` flags giving a raylet and its agents ports of their own."""
-    ports = free_ports(6)
-    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-    return [f"{name}={port}" for name, port in zip(names, ports)]
+def ray_start() -> list[str]:
+    """`ray start` with this Python (the one that has Ray), as every hearth node starts (guest/agent.py:
+    patient with a slow raylet, the dashboard agent's port handed to the raylet), and with ports of its own
+    for the raylet and its agents (several raylets on one machine race for Ray's defaults)."""
+    return ray_start_command(sys.executable, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))))
 
 
 def local_env(**extra: str) -> dict[str, str]:
@@ -55,14 +55,6 @@ def local_env(**extra: str) -> dict[str, str]:
     first on PATH, so that `python` in a job's entrypoint is the one that has Ray."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, **extra, "PATH": path}
-
-
-def ray_executable() -> str:
-    candidate = Path(sys.executable).with_name("ray")
-    found = str(candidate) if candidate.exists() else shutil.which("ray")
-    if not found:
-        raise RayError("the `ray` command is not installed beside this Python; pip install 'ray[default]'")
-    return found
 
 
 class RayHead:
@@ -74,7 +66,9 @@ class RayHead:
         self.start_timeout = start_timeout
         self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.process: asyncio.subprocess.Process | None = None
+        self.exited = asyncio.Event()  # the head's `ray start` ended: every node waiting to join can stop waiting
         self._http: httpx.AsyncClient | None = None
+        self._watcher: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -109,22 +103,24 @@ class RayHead:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.work_dir / "head.log", "ab")
         self.process = await asyncio.create_subprocess_exec(
-            ray_executable(), "start", "--head", "--block", f"--port={self.gcs_port}",
+            *ray_start(), "--head", "--block", f"--port={self.gcs_port}",
             f"--node-ip-address={self.host}", f"--dashboard-host={self.host}",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
             "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.work_dir / 'h'}", "--disable-usage-stats",
-            *node_ports(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             env=local_env(**self.env), start_new_session=True, preexec_fn=die_with_parent)
         log.close()
+        self._watcher = asyncio.create_task(self._watch())
         self._http = httpx.AsyncClient(base_url=self.dashboard_url, headers=self.headers, timeout=5.0)
         deadline = time.monotonic() + self.start_timeout
         try:
             while True:
-                if self.process.returncode is not None:
-                    raise RayError(f"the Ray head exited with status {self.process.returncode}; "
-                                   f"see {self.work_dir / 'head.log'}")
+                if self.exited.is_set():
+                    raise RayError(self.exit_reason())
+                # Up when `ray start` says its node started (the raylet registered) and the dashboard answers.
                 with contextlib.suppress(httpx.TransportError):
-                    if (await self._http.get("/api/version")).status_code == 200:
+                    if ("Ray runtime started" in (self.work_dir / "head.log").read_text(errors="replace")
+                            and (await self._http.get("/api/version")).status_code == 200):
                         return
                 if time.monotonic() > deadline:
                     raise RayError(f"the Ray head's dashboard did not answer within {self.start_timeout:g} s; "
@@ -133,6 +129,20 @@ class RayHead:
         except BaseException:
             await self.stop()
             raise
+
+    async def _watch(self) -> None:
+        await self.process.wait()
+        self.exited.set()
+
+    def exit_reason(self) -> str:
+        """Why the head is gone, in Ray's own last words."""
+        try:
+            lines = [line.strip() for line in (self.work_dir / "head.log").read_text(errors="replace").splitlines()
+                     if line.strip() and not line.startswith(" ")]
+        except OSError:
+            lines = []
+        return (f"the Ray head exited with status {self.process.returncode}: "
+                + (" | ".join(lines[-2:]) if lines else "it printed nothing") + f" (see {self.work_dir / 'head.log'})")
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Live and dead Ray nodes with their labels, from the dashboard's state API."""
@@ -144,6 +154,7 @@ class RayHead:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-        if self.process is None or self.process.returncode is not None:
-            return
-        await terminate(self.process, grace, polite=signal_leader(self.process))
+        if self.process is not None and self.process.returncode is None:
+            await terminate(self.process, grace, polite=signal_leader(self.process))
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)

@@ -4,6 +4,8 @@ request the client sent during the suite."""
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +28,16 @@ VENV_BIN = Path(sys.executable).parent
 STANDIN = str(VENV_BIN / "cloud-hypervisor-standin")
 GUEST = [sys.executable, str(Path(__file__).parent / "guests/channel_guest.py")]
 SSHD = "/usr/sbin/sshd"
+HEARTH = str(VENV_BIN / "hearth")
+IMAGE = Path(os.environ.get("HEARTH_TEST_IMAGE", "/var/cache/hearth/test-guest-image"))
+QEMU_SUBNET = "10.253.0.0/24"
+QEMU_GATEWAY = "10.253.0.1"
+
+
+def say(request, text: str) -> None:
+    """To the terminal, past pytest's capture: CI's log shows the figures of every run."""
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(text, flush=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -129,3 +141,39 @@ Subsystem sftp internal-sftp
            "identity": d / "client_key", "known_hosts": d / "known_hosts", "log": d / "sshd.log"}
     server.terminate()
     server.wait(10)
+
+
+@pytest.fixture(scope="session")
+def guest_image(request, tmp_path_factory):
+    """The guest image every VM test boots: in CI (CI=true) built from scratch; elsewhere into
+    HEARTH_TEST_IMAGE (default /var/cache/hearth/test-guest-image), reused while its inputs are unchanged."""
+    fresh = os.environ.get("CI") == "true"
+    out = tmp_path_factory.mktemp("guest-image") if fresh else IMAGE
+    started = time.monotonic()
+    built = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stdout + built.stderr
+    took = time.monotonic() - started
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
+    started = time.monotonic()
+    again = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
+    reused = "reused" in built.stdout
+    say(request, f"\nguest image {out}: {'reused' if reused else 'built'} in {took:.1f} s "
+                  f"(a build from scratch took {manifest['built_s']} s); a rebuild with the same inputs: "
+                  f"{time.monotonic() - started:.1f} s; rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+    yield out
+    if fresh:
+        subprocess.run(["rm", "-rf", str(out)])
+
+
+@pytest.fixture(scope="session")
+def qemu_bridge():
+    """A bridge for the qemu backend's VMs, with the guests' gateway address on it."""
+    name = f"hbrq{os.getpid() % 10000:04d}"
+    for step in (["link", "add", name, "type", "bridge"], ["addr", "add", f"{QEMU_GATEWAY}/24", "dev", name],
+                 ["link", "set", name, "up"]):
+        assert subprocess.run(["ip", *step], capture_output=True).returncode == 0, step
+    yield name
+    subprocess.run(["ip", "link", "delete", name], capture_output=True)

@@ -12,28 +12,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import HEARTH, QEMU_GATEWAY as GATEWAY, QEMU_SUBNET as SUBNET, say as _say
 from provisioner.run import ClusterRun
 from provisioner.errors import HearthError, SpecError
 from provisioner.spec import cluster_spec
 from provisioner.hosts import Host, HostNetwork, Inventory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="images, taps and bridges need root: run the tests as root")
-HEARTH = str(Path(sys.executable).with_name("hearth"))
-IMAGE = Path(os.environ.get("HEARTH_TEST_IMAGE", "/var/cache/hearth/test-guest-image"))
-SUBNET = "10.253.0.0/24"
-GATEWAY = "10.253.0.1"
-
-
-def _say(request, text: str) -> None:
-    """To the terminal, past pytest's capture: CI's log shows the figures of every run."""
-    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        print(text, flush=True)
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -59,36 +49,13 @@ def _taps() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def image(request, tmp_path_factory):
-    fresh = os.environ.get("CI") == "true"
-    out = tmp_path_factory.mktemp("guest-image") if fresh else IMAGE
-    started = time.monotonic()
-    built = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=1200)
-    assert built.returncode == 0, built.stdout + built.stderr
-    took = time.monotonic() - started
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, digest in manifest["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
-    started = time.monotonic()
-    again = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
-    reused = "reused" in built.stdout
-    _say(request, f"\nguest image {out}: {'reused' if reused else 'built'} in {took:.1f} s "
-                  f"(a build from scratch took {manifest['built_s']} s); a rebuild with the same inputs: "
-                  f"{time.monotonic() - started:.1f} s; rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
-    yield out
-    if fresh:
-        subprocess.run(["rm", "-rf", str(out)])
+def image(guest_image):
+    return guest_image
 
 
 @pytest.fixture(scope="module")
-def bridge():
-    name = f"hbrq{os.getpid() % 10000:04d}"
-    for step in (["link", "add", name, "type", "bridge"], ["addr", "add", f"{GATEWAY}/24", "dev", name],
-                 ["link", "set", name, "up"]):
-        assert _ip(*step).returncode == 0
-    yield name
-    _ip("link", "delete", name)
+def bridge(qemu_bridge):
+    return qemu_bridge
 
 
 def _inventory(bridge: str, head_host: str = GATEWAY, subnet: str | None = SUBNET) -> Inventory:

@@ -19,7 +19,7 @@ from pathlib import Path
 from provisioner.events import TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.node import NodeSpec
 from provisioner.processes import die_with_parent, signal_leader, terminate
-from provisioner.ray_head import free_ports, local_env, node_ports, ray_executable
+from provisioner.ray_head import free_ports, local_env, ray_start
 
 OUTPUT_LINES = 200  # of `ray start`'s output, kept for logs() and a failure's reason
 
@@ -63,10 +63,10 @@ class LocalNode:
         host, _ = ray.address.rsplit(":", 1)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                ray_executable(), "start", f"--address={ray.address}", "--block",
+                *ray_start(), f"--address={ray.address}", "--block",
                 f"--num-cpus={ray.num_cpus}", f"--num-gpus={ray.num_gpus}", f"--labels={labels}",
                 f"--node-ip-address={host}", f"--temp-dir={self.dir}", "--disable-usage-stats",
-                f"--min-worker-port={low}", f"--max-worker-port={min(low + 99, 65535)}", *node_ports(),
+                f"--min-worker-port={low}", f"--max-worker-port={min(low + 99, 65535)}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 env=local_env(**self.spec.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray.token),
                 start_new_session=True, preexec_fn=die_with_parent)

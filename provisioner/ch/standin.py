@@ -43,10 +43,12 @@ import os
 import random
 import signal
 import select
+import shutil
 import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -83,6 +85,7 @@ class StandIn:
         self.events = _open_target(args.event_monitor, "w") if args.event_monitor else None
         self.log = open(args.log_file, "a") if args.log_file else sys.stderr
         self.fault = settings.get("fault")
+        self.guest_disk: str | None = None
 
     # -- events and log --------------------------------------------------------------------------
     def event(self, source: str, event: str, properties: dict[str, Any] | None = None) -> None:
@@ -98,6 +101,7 @@ class StandIn:
         self.log.flush()
 
     def exit(self, code: int = 0) -> None:
+        self._stop_guest()
         self.event("vmm", "shutdown")
         self.say(f"exiting with status {code}")
         os._exit(code)
@@ -265,6 +269,8 @@ class StandIn:
             argv = [sys.executable, importlib.util.find_spec("guest.agent").origin]
             env["HEARTH_GUEST_HOSTED"] = config["vsock"]["socket"]
             env["HEARTH_GUEST_BOOTED_AT"] = repr(time.time())
+            self.guest_disk = tempfile.mkdtemp(prefix="hg-", dir="/tmp")  # the VM's own disk: gone with the VM
+            env["HEARTH_GUEST_TMP"] = self.guest_disk
         serial = config.get("serial", {})
         out = open(serial["file"], "ab") if serial.get("mode") == "File" else subprocess.DEVNULL
         self.guest = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -274,9 +280,7 @@ class StandIn:
 
     def _watch_guest(self, guest: subprocess.Popen) -> None:
         code = guest.wait()
-        if isinstance(guest, subprocess.Popen):  # the VM is off: nothing that ran in it outlives it
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(guest.pid, signal.SIGKILL)
+        self._end_guest(guest)
         if self.guest is guest:  # it ended by itself (poweroff), not by _stop_guest
             self._guest_gone(code)
 
@@ -292,12 +296,18 @@ class StandIn:
     def _stop_guest(self) -> None:
         """The VM ends: everything that ran in it goes (a guest program's whole process group)."""
         guest, self.guest = self.guest, None
-        if isinstance(guest, subprocess.Popen):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(guest.pid, signal.SIGKILL)
         if guest is not None:
             guest.kill()
             guest.wait()
+            self._end_guest(guest)
+
+    def _end_guest(self, guest: subprocess.Popen | _BuiltinGuest) -> None:
+        """The VM is off: nothing that ran in it outlives it, and its disk goes."""
+        if isinstance(guest, subprocess.Popen):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(guest.pid, signal.SIGKILL)
+        if self.guest_disk is not None:
+            shutil.rmtree(self.guest_disk, ignore_errors=True)
 
 
 class _BuiltinGuest(threading.Thread):
