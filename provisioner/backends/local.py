@@ -105,6 +105,8 @@ class LocalNode:
         code = await self.process.wait()
         self.exited.set()
         if not self._stopping and self.tracker.state not in TERMINAL:
-            tail = "\n    ".join(list(self.output)[-5:])
-            self.tracker.transition(NodeState.failed, f"ray start exited with status {code}; last output:\n    {tail}")
+            # One line: a failure reason is shown (and cut) by its first line.
+            tail = " | ".join(line.strip() for line in list(self.output)[-5:] if line.strip())
+            self.tracker.transition(NodeState.failed, f"ray start exited with status {code}; "
+                                    + (f"its last output: {tail}" if tail else "it printed nothing"))
             await self.stop()
