@@ -87,7 +87,7 @@ def up(
                   "its Ray head went with it, and its VMs power themselves off when they notice", 1)
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
-    console.print(profile_table(state["nodes"]))
+    console.print(profile_table(state["nodes"], state["backend"]))
     console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
                   f"dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
@@ -183,7 +183,7 @@ def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) 
             job = run.submit_job(f"python -c {shlex.quote(script)}")
             result = await asyncio.to_thread(follow, client, job)
             console.print(f"job {job}: {result.value}")
-            console.print(profile_table(run.summary()["nodes"]))
+            console.print(profile_table(run.summary()["nodes"], spec.backend))
         finally:
             await run.down()
             console.print("torn down")

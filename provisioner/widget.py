@@ -1,54 +1,169 @@
-"""What a notebook shows for a cluster: a live ipywidgets view, or a static HTML summary.
+"""What a notebook shows for a cluster: a live view while its kernel runs, and a static summary that outlives it.
 
-The view is one HTML widget redrawn four times a second while the cluster changes: a grid of
-nodes coloured by state (hover for the node's state, detail and boot phases), counts, elapsed time, the
-Ray dashboard link, and the failures with their reasons. `summary_html` is the same picture, frozen
-(`_repr_html_`, and the status page).
+Both are `summary_html` of `ClusterRun.summary()`: a headline with the elapsed time since `Cluster(...)` ran,
+the Ray head's phase (starting, up, failed, stopped) with links to its dashboard and hearth's status page
+through Jupyter, node counts that add up to the nodes shown, a grid of nodes coloured by state (hover for
+a node's boot phases), and the failures with their reasons.
+
+`LiveView` displays one output holding two things: an ipywidgets HTML widget, redrawn four times a second
+while the cluster changes and every `HEARTBEAT_S` otherwise, and a static `text/html` copy of the same
+picture. JupyterLab shows the widget while its kernel lives; nbviewer, GitHub and anything without the
+widget's model show the static copy. When the cluster ends (closed, failed, or its kernel exiting) the
+output is replaced by the final static summary alone, so a saved notebook shows how it ended, not
+"model not found". A kernel that dies without a word (SIGKILL, a crash) cannot say so itself: the live view
+carries a notice that a CSS animation reveals `STALE_AFTER` seconds after the last redraw, and each
+heartbeat's redraw starts that clock again.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
+
+from provisioner.profile import cluster_profile_line, phase_names, seconds
 
 COLOURS = {"new": "#d9d9d9", "requested": "#d9d9d9", "placed": "#c6c6c6", "vmm_started": "#f4d58d",
            "booting": "#f2b84b", "guest_up": "#9ecae1", "ray_joined": "#6baed6", "ready": "#2a9d8f",
            "failed": "#e63946", "stopping": "#a0a0a0", "stopped": "#7a7a7a"}
 BOOTING = {"new", "requested", "placed", "vmm_started", "booting", "guest_up", "ray_joined"}
+OUTCOMES = ("ready", "booting", "failed", "stopped")
+HEARTBEAT_S = 2.0
+STALE_AFTER = 10
+BASE_URL_ENV = "HEARTH_JUPYTER_BASE_URL"  # set by hearth's jupyter-server extension for the kernels it starts
 
 
-def summary_html(summary: dict[str, Any], now: float | None = None) -> str:
+def outcome(node: dict[str, Any]) -> str:
+    """One of OUTCOMES, so counts add up: a node whose current attempt failed counts as failed after it was
+    stopped too; a node that failed once and then came up on its retry is ready (and `recovered`)."""
+    if node["state"] == "ready":
+        return "ready"
+    if node["state"] in BOOTING:
+        return "booting"
+    if node["state"] == "failed" or any(e["state"] == "failed" for e in node.get("events", [])):
+        return "failed"
+    return "stopped"
+
+
+def recovered(node: dict[str, Any]) -> bool:
+    return bool(node["errors"]) and outcome(node) != "failed"
+
+
+def jupyter_base_url() -> str | None:
+    """Where this kernel's Jupyter server serves hearth's pages (its base URL), if it runs hearth's extension."""
+    return os.environ.get(BASE_URL_ENV)
+
+
+def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url: str | None = None,
+                 view: str = "saved", note: str | None = None) -> str:
+    """The cluster as HTML. `base_url`: the Jupyter server's, for links through it (none without one).
+    `view`: "live" (the widget: a heartbeat clock and the stale-kernel notice), "saved" (a snapshot in a
+    notebook: says when it was taken), or "page" (the status page, which refreshes itself).
+    `note`: a last word to show (why the view ended)."""
+    live = view == "live"
+    now = now or time.time()
     nodes = summary["nodes"]
-    counts = Counter(n["state"] for n in nodes)
-    booting = sum(counts[s] for s in BOOTING)
-    started = summary.get("started_at")
-    end = summary.get("ready_at") if summary.get("status") == "ready" else (now or time.time())
-    elapsed = f"{end - started:.1f} s" if started and end else "-"
-    ray = summary.get("ray") or {}
-    link = (f'<a href="{html.escape(ray["dashboard"])}" target="_blank">Ray dashboard</a>'
-            if ray.get("dashboard") else "")
+    counts = Counter(outcome(n) for n in nodes)
+    ended = summary["status"] in ("failed", "stopped")
     cells = "".join(
-        f'<div title="{html.escape(_tooltip(n))}" style="width:14px;height:14px;border-radius:3px;'
-        f'background:{COLOURS.get(n["state"], "#ccc")}"></div>' for n in nodes)
-    failures = [n for n in nodes if n["errors"]]
-    details = "".join(f"<li><b>{html.escape(n['id'])}</b> ({n['state']}): {html.escape('; then '.join(n['errors']))}</li>"
-                      for n in failures)
+        f'<div title="{html.escape(_tooltip(n, summary["backend"]))}" style="width:14px;height:14px;border-radius:3px;'
+        f'background:{COLOURS["failed"] if outcome(n) == "failed" else COLOURS.get(n["state"], "#ccc")}"></div>'
+        for n in nodes)
+    count_line = " &middot; ".join(
+        f'<span style="color:{COLOURS[o] if counts[o] and o in ("ready", "failed") else "inherit"}">{counts[o]} {o}</span>'
+        for o in OUTCOMES) + f" &mdash; of {len(nodes)} nodes"
+    if any(recovered(n) for n in nodes):
+        count_line += f" ({sum(recovered(n) for n in nodes)} recovered on a retry)"
+    clock = time.strftime("%H:%M:%S", time.localtime(now))
+    footer = (f"updated {clock}" if live and not ended
+              else f"as of {clock}" + ("" if ended else ": a saved view (the live one needs the kernel that made it)"))
     return (
-        f'<div class="hearth-cluster" style="font-family:sans-serif;font-size:13px">'
+        '<div class="hearth-cluster" style="font-family:sans-serif;font-size:13px;line-height:1.6">'
         f'<div><b>hearth cluster {html.escape(summary["name"])}</b> ({html.escape(summary["backend"])}) '
-        f'&mdash; {html.escape(summary["status"])}, {elapsed} {link}</div>'
-        f'<div style="margin:4px 0"><span style="color:{COLOURS["ready"]}">{counts["ready"]} ready</span> / '
-        f'{booting} booting / <span style="color:{COLOURS["failed"]}">{counts["failed"]} failed</span> '
-        f'of {len(nodes)} nodes</div>'
-        f'<div style="display:grid;grid-template-columns:repeat(auto-fill,16px);gap:2px;max-width:560px">{cells}</div>'
-        + (f'<details open><summary>failures</summary><ul>{details}</ul></details>' if failures else "")
+        f'&mdash; <span class="hearth-status">{html.escape(_headline(summary, now))}</span></div>'
+        + _head_line(summary, now, base_url)
+        + f'<div class="hearth-counts">{count_line}</div>'
+        f'<div style="display:grid;grid-template-columns:repeat(auto-fill,16px);gap:2px;max-width:560px;margin:2px 0">'
+        f'{cells}</div>'
+        + _problems(summary, nodes)
+        + (f'<div class="hearth-note"><b>{html.escape(note)}</b></div>' if note else "")
+        + (f'<div class="hearth-updated" style="color:#888;font-size:11px">{footer}</div>' if view != "page" else "")
+        + (_STALE if live and not ended else "")
         + "</div>")
 
 
-def _tooltip(node: dict[str, Any]) -> str:
-    phases = ", ".join(f"{k} {v:.2f}s" for k, v in node["profile"].items())
+_STALE = (
+    # Animations override inline styles, so the notice opens STALE_AFTER s after this HTML was drawn, unless a
+    # newer redraw (a new element, a new animation) came first.
+    f"<style>@keyframes hearth-stale {{ to {{ max-height: 6em; }} }}</style>"
+    f'<div class="hearth-stale" style="max-height:0;overflow:hidden;color:#b00;'
+    f'animation:hearth-stale 0s linear {STALE_AFTER}s forwards">'
+    f"No word from the kernel for {STALE_AFTER} s: it was restarted, shut down or cannot be reached. "
+    "This view is stale; a cluster ends with the kernel that started it.</div>")
+
+
+def _headline(summary: dict[str, Any], now: float) -> str:
+    created = summary.get("created_at") or summary.get("started_at")
+    status = summary["status"]
+    if status in ("new", "booting"):
+        ready = sum(n["state"] == "ready" for n in summary["nodes"])
+        what = (f"booting, {ready} of {len(summary['nodes'])} ready" if summary["nodes"] else "booting")
+        return f"{what}, {now - created:.1f} s" if created else what
+    if status == "ready":
+        profile = cluster_profile_line(summary)
+        return f"ready ({profile})" if profile else "ready"
+    if status == "failed":
+        end = summary.get("ended_at") or now
+        what = "cancelled while booting" if summary.get("error") == "cancelled" else "failed"
+        return f"{what} after {end - created:.1f} s" if created else what
+    return status
+
+
+def _head_line(summary: dict[str, Any], now: float, base_url: str | None) -> str:
+    head = summary.get("head")
+    if head is None:
+        return ""
+    if "stopped" in head:
+        text = "stopped"
+    elif "failed" in head:
+        text = f"failed to start after {head['failed'] - head['starting']:.1f} s"
+    elif "up" in head:
+        text = f"up (started in {head['up'] - head['starting']:.1f} s)"
+    elif "starting" in head:
+        text = f"starting the Ray head, {now - head['starting']:.1f} s (nodes start once it is up)"
+    else:
+        text = "not started yet"
+    links = []
+    if base_url is not None:
+        if "up" in head and not ({"stopped", "failed"} & head.keys()):
+            dashboard = f"{base_url.rstrip('/')}/hearth/clusters/{summary['name']}/dashboard/"
+            links.append(f'<a href="{html.escape(dashboard)}" target="_blank" rel="noopener" '
+                         'style="color:#1a6fb5;text-decoration:underline">Ray dashboard</a>')
+        links.append(f'<a href="{html.escape(base_url.rstrip("/"))}/hearth/" target="_blank" rel="noopener" '
+                     'style="color:#1a6fb5;text-decoration:underline">hearth status page</a>')
+    return (f'<div class="hearth-head">Ray head: {html.escape(text)}'
+            + (" &middot; " + " &middot; ".join(links) if links else "") + "</div>")
+
+
+def _problems(summary: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+    items = []
+    if summary["status"] == "failed" and summary.get("error"):
+        items.append(f'<li style="white-space:pre-wrap">{html.escape(summary["error"])}</li>')
+    else:
+        items += [f"<li><b>{html.escape(n['id'])}</b> failed: {html.escape('; then '.join(n['errors']) or n['detail'] or '')}"
+                  "</li>" for n in nodes if outcome(n) == "failed"]
+    items += [f"<li><b>{html.escape(n['id'])}</b> recovered on attempt {n['attempts']}; before: "
+              f"{html.escape('; then '.join(n['errors']))}</li>" for n in nodes if recovered(n)]
+    return f'<details open><summary>problems</summary><ul style="margin:2px 0">{"".join(items)}</ul></details>' if items else ""
+
+
+def _tooltip(node: dict[str, Any], backend: str) -> str:
+    names = phase_names(backend)
+    phases = ", ".join(f"{name} {seconds(node['profile'][state])} s" for state, name in names.items()
+                       if state in node["profile"])
     return f"{node['id']} on {node['host']}: {node['state']}" + (f" ({node['detail']})" if node["detail"] else "") + \
         (f"\n{phases}" if phases else "")
 
@@ -63,13 +178,45 @@ def in_notebook() -> bool:
 
 
 class LiveView:
-    """An ipywidgets HTML widget showing `summary()`; the cluster redraws it while anything changes."""
+    """One display output for a cluster: the live widget beside a static copy, until `end()` leaves the static
+    copy alone. `redraw()` may be called from any thread (ipykernel sends widget updates from any)."""
 
-    def __init__(self, summary) -> None:
+    def __init__(self, summary: Callable[[], dict[str, Any]]) -> None:
         import ipywidgets
+        from IPython.display import display
 
         self._summary = summary
-        self.widget = ipywidgets.HTML(summary_html(summary()))
+        self._base_url = jupyter_base_url()
+        self.ended = False
+        current = summary()
+        self.widget = ipywidgets.HTML(summary_html(current, base_url=self._base_url, view="live"))
+        self._handle = display(self._bundle(current), raw=True, display_id=True)
 
     def redraw(self) -> None:
-        self.widget.value = summary_html(self._summary())
+        if self.ended:
+            return
+        current = self._summary()
+        if current["status"] in ("failed", "stopped"):
+            self.end()
+            return
+        self.widget.value = summary_html(current, base_url=self._base_url, view="live")
+
+    def end(self, note: str | None = None) -> None:
+        """Replace the output with the final static summary, and let the widget go."""
+        if self.ended:
+            return
+        self.ended = True
+        current = self._summary()
+        self._handle.update({"text/html": summary_html(current, base_url=self._base_url, note=note),
+                             "text/plain": _plain(current)}, raw=True)
+        self.widget.close()
+
+    def _bundle(self, current: dict[str, Any]) -> dict[str, Any]:
+        return {**self.widget._repr_mimebundle_(), "text/html": summary_html(current, base_url=self._base_url),
+                "text/plain": _plain(current)}
+
+
+def _plain(summary: dict[str, Any]) -> str:
+    counts = Counter(outcome(n) for n in summary["nodes"])
+    return (f"hearth cluster {summary['name']}: {summary['status']}, "
+            + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES) + f" of {len(summary['nodes'])} nodes")
