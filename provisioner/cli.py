@@ -129,6 +129,9 @@ def down(name: NameOption = DEFAULT_NAME, timeout: Annotated[float, typer.Option
     if not alive(state):
         console.print(f"cluster {name} is not running")
         return
+    if state.get("owner") == "kernel":  # its pid is the kernel's: SIGTERM would end the user's kernel
+        _fail(f"cluster {name} belongs to a notebook kernel (pid {state['pid']}): close it there with "
+              "cluster.close(); `hearth down` stops the clusters `hearth up` started", 1)
     os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(state):

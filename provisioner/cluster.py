@@ -4,7 +4,7 @@
         ray.get([train.remote(cfg) for cfg in configs])  # Ray is connected in this kernel once ready
 
 A thin synchronous front over `ClusterRun`, driven on hearth's background loop (see loop.py), so a cell
-never awaits. In Jupyter it displays a live view (widget.py); elsewhere a progress line. When the kernel dies
+never awaits. In Jupyter it displays a live view (view.py); elsewhere a progress line. When the kernel dies
 without running any cleanup, the nodes still end: local node processes and the Ray head die with this
 process (PR_SET_PDEATHSIG), and VM guests power off when their guest channel's host end goes away.
 
@@ -43,7 +43,7 @@ from provisioner.progress import ProgressLine
 from provisioner.run import ClusterRun, default_work_dir
 from provisioner.spec import cluster_spec, default_backend
 from provisioner.supervisor import alive, read_state, state_root
-from provisioner.widget import HEARTBEAT_S, LiveView, in_notebook, jupyter_base_url, summary_html
+from provisioner.view import HEARTBEAT_S, LiveView, in_notebook, jupyter_base_url, summary_html
 
 _open: dict[str, Cluster] = {}  # the clusters open in this process (this kernel), by name
 
@@ -231,7 +231,7 @@ class Cluster:
     def _redraw(self) -> None:
         if self._view is not None:
             self._view.redraw()
-        write_atomic(self._state_dir / "state.json", json.dumps(self._run.summary(), indent=1))
+        write_atomic(self._state_dir / "state.json", json.dumps({**self._run.summary(), "owner": "kernel"}, indent=1))
 
 
 def _unused_name() -> str:
@@ -258,7 +258,8 @@ def _take_name(name: str) -> None:
 @atexit.register
 def _close_all() -> None:
     """A backstop: clusters still open when the interpreter exits normally (a kernel restart or shutdown)
-    are closed. Their views say so first: the kernel may be killed before the nodes have stopped."""
+    are closed. Their views say so first, for frontends still listening (JupyterLab stops listening to a
+    kernel it restarts; there the view's stale-kernel notice tells)."""
     for cluster in list(_open.values()):
         if cluster._view is not None:
             try:

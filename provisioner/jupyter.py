@@ -25,7 +25,7 @@ from jupyter_server.utils import url_path_join
 from provisioner.dashboard_proxy import NAME, DashboardProxy, DashboardRedirect
 from provisioner.profile import phase_names
 from provisioner.supervisor import alive, read_state, state_root
-from provisioner.widget import BASE_URL_ENV, summary_html
+from provisioner.view import BASE_URL_ENV, summary_html
 
 
 def clusters(base_url: str) -> list[dict[str, Any]]:

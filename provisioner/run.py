@@ -148,7 +148,7 @@ class ClusterRun:
         return job_client(self.head.dashboard_url, self.head.token)
 
     def summary(self) -> dict[str, Any]:
-        """What `hearth status`, the widget and the status page show (JSON-able; no secrets)."""
+        """What `hearth status`, the notebook's view and the status page show (JSON-able; no secrets)."""
         engine = self.engine
         return {
             "name": self.spec.name, "backend": self.spec.backend, "status": self.status, "error": self.error,

@@ -140,25 +140,34 @@ def test_adapt_scales_to_zero_when_idle_and_back_with_work(isolated, run_dir):
 
 
 def test_kernel_interrupt_errors_and_kill(isolated, run_dir):
-    """A real kernel: the display (live widget beside a static copy), Ctrl-C in wait() (one line; the boot goes
-    on), an expected error without hearth's frames, and SIGKILL taking every node with it."""
+    """A real kernel: the display (HTML updated in place), Ctrl-C in wait() (one line; the boot goes on), an
+    expected error without hearth's frames, and SIGKILL taking every node with it."""
     from jupyter_client.manager import KernelManager
 
     manager = KernelManager(kernel_name="python3")
     manager.start_kernel(env={**os.environ, **isolated})
     client = manager.client()
     client.start_channels()
-    state = Path(isolated["HEARTH_STATE_DIR"]) / "clusters" / "doomed" / "state.json"
+    state = Path(isolated["HEARTH_STATE_DIR"]) / "clusters" / "doomed"
+    seen: list[dict] = []  # every IOPub message, whichever request it answers (the view updates from a thread)
+
+    def run(code: str, timeout: float = 180) -> dict:
+        msg_id = client.execute(code)
+        deadline = time.monotonic() + timeout
+        while not (seen and seen[-1]["parent_header"].get("msg_id") == msg_id
+                   and seen[-1]["content"].get("execution_state") == "idle"):
+            seen.append(client.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.1)))
+        return client.get_shell_msg(timeout=30)["content"]
+
     try:
         client.wait_for_ready(timeout=60)
-        reply = client.execute_interactive("from provisioner import Cluster\ncluster = Cluster(nodes=2, name='doomed')",
-                                           timeout=120, output_hook=(shown := []).append)
-        assert reply["content"]["status"] == "ok"
-        (display,) = [m["content"]["data"] for m in shown if m["msg_type"] == "display_data"]
-        assert "application/vnd.jupyter.widget-view+json" in display and "hearth cluster doomed" in display["text/html"]
+        assert run("from provisioner import Cluster\ncluster = Cluster(nodes=2, name='doomed')")["status"] == "ok"
+        (display,) = [m["content"] for m in seen if m["msg_type"] == "display_data"]
+        assert set(display["data"]) == {"text/html", "text/plain"}  # no widget: saved, it still shows
+        assert "hearth cluster doomed" in display["data"]["text/html"]
 
         waiting = client.execute("cluster.wait()")
-        while (read_state(state.parent) or {}).get("status") != "booting":
+        while (read_state(state) or {}).get("status") != "booting":
             time.sleep(0.1)
         manager.interrupt_kernel()  # the head alone takes seconds to start: this lands while wait() waits
         reply = client.get_shell_msg(timeout=60)
@@ -167,14 +176,15 @@ def test_kernel_interrupt_errors_and_kill(isolated, run_dir):
         (line,) = reply["content"]["traceback"]  # one line, not the frames of concurrent.futures and threading
         assert "cluster doomed keeps booting" in line and "cluster.close() stops it" in line
 
-        reply = client.execute_interactive("cluster.wait()\nprint('READY', cluster.status)", timeout=180,
-                                           output_hook=(outputs := []).append)
-        assert reply["content"]["status"] == "ok"
-        assert any("READY ready" in m["content"].get("text", "") for m in outputs)  # it kept booting
+        assert run("cluster.wait()\nprint('READY', cluster.status)")["status"] == "ok"
+        assert any("READY ready" in m["content"].get("text", "") for m in seen)  # it kept booting
+        updates = [m["content"] for m in seen if m["msg_type"] == "update_display_data"]
+        assert updates and {u["transient"]["display_id"] for u in updates} == {display["transient"]["display_id"]}
+        assert "ready (Ray head" in updates[-1]["data"]["text/html"]  # the one view, updated in place
 
-        reply = client.execute_interactive("Cluster(nodes=-1)", timeout=60)
-        assert reply["content"]["ename"] == "SpecError"
-        (line,) = reply["content"]["traceback"]
+        reply = run("Cluster(nodes=-1)", timeout=60)
+        assert reply["ename"] == "SpecError"
+        (line,) = reply["traceback"]
         assert "nodes: ask for 0 to 1024 nodes" in line
 
         running = processes_mentioning(str(run_dir))

@@ -4,7 +4,12 @@ of real node histories; the node table; errors as IPython renders them; a local 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +21,7 @@ from provisioner.events import NodeHistory, NodeState, NodeTracker
 from provisioner.placement import NodePlacement
 from provisioner.profile import NodeTable
 from provisioner.run import _node_summary
-from provisioner.widget import OUTCOMES, outcome, summary_html
+from provisioner.view import OUTCOMES, outcome, summary_html
 
 T0 = 1_700_000_000.0
 BOOT = ["requested", "placed", "vmm_started", "booting", "guest_up", "ray_joined", "ready"]
@@ -91,13 +96,18 @@ def test_head_phase_elapsed_from_cluster_and_links_only_while_the_head_is_up():
     assert "Ray dashboard" not in summary_html(ended, base_url="/") and "Ray head: stopped" in summary_html(ended)
 
 
-def test_live_view_warns_when_the_kernel_goes_quiet_and_static_view_says_what_it_is():
+def test_live_view_warns_when_the_kernel_goes_quiet_and_a_snapshot_says_when_it_was_taken():
     ready = summary("ready", [node("c-0", BOOT)], ready_at=T0 + 12.5)
     live, static = summary_html(ready, view="live", now=T0 + 13), summary_html(ready, now=T0 + 13)
-    assert "hearth-stale" in live and "animation:hearth-stale 0s linear 10s forwards" in live
-    assert "hearth-stale" not in static and "a saved view (the live one needs the kernel that made it)" in static
+    assert "hearth-stale" in live and "animation:hearth-stale 0s linear 12s forwards" in live
+    linked = summary_html(ready, view="live", base_url="/")
+    assert 'underline;animation:hearth-gone 0s linear 12s forwards">Ray dashboard' in linked  # goes with the kernel
+    assert "hearth-stale" not in static and "as of " in static and "updated " in live
     ended = summary("stopped", [], ended_at=T0 + 20)
     assert "hearth-stale" not in summary_html(ended, view="live")  # an ended cluster's view is final: nothing to go stale
+    failing = summary("failed", [], error="only 0 of 1 nodes became ready")  # tearing down: not final yet
+    assert "hearth-stale" in summary_html(failing, view="live", base_url="/")
+    assert "Ray dashboard" not in summary_html(failing, base_url="/")  # its head is about to go
     assert "hearth-updated" not in summary_html(ready, view="page")  # the status page refreshes itself
 
 
@@ -148,3 +158,19 @@ def test_a_local_node_that_fails_says_its_last_words(script, words, tmp_path, mo
         return next(e.detail for e in history.events if e.state == NodeState.failed)
 
     assert asyncio.run(boot()) == words
+
+
+def test_hearth_down_leaves_a_kernels_cluster_to_its_kernel(tmp_path):
+    """`hearth down` signals the pid in the state file: for a notebook's cluster that is the kernel itself."""
+    kernel = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "clusters" / "nb").mkdir(parents=True)
+        (tmp_path / "clusters" / "nb" / "state.json").write_text(json.dumps(
+            {"name": "nb", "pid": kernel.pid, "status": "ready", "owner": "kernel"}))
+        down = subprocess.run([str(Path(sys.executable).with_name("hearth")), "down", "--name", "nb"], text=True,
+                              capture_output=True, env={**os.environ, "HEARTH_STATE_DIR": str(tmp_path)}, timeout=120)
+        assert down.returncode == 1 and "belongs to a notebook kernel" in down.stderr + down.stdout
+        assert kernel.poll() is None
+    finally:
+        kernel.kill()
+        kernel.wait()

@@ -106,7 +106,7 @@ class LocalNode:
         self.exited.set()
         if not self._stopping and self.tracker.state not in TERMINAL:
             # One line: a failure reason is shown (and cut) by its first line.
-            tail = " | ".join(line.strip() for line in list(self.output)[-5:] if line.strip())
+            tail = " | ".join(line.strip() for line in list(self.output)[-3:] if line.strip())
             self.tracker.transition(NodeState.failed, f"ray start exited with status {code}; "
                                     + (f"its last output: {tail}" if tail else "it printed nothing"))
             await self.stop()

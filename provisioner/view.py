@@ -1,18 +1,22 @@
-"""What a notebook shows for a cluster: a live view while its kernel runs, and a static summary that outlives it.
+"""What a notebook shows for a cluster: one output that follows it live and, saved, shows how it was last seen.
 
-Both are `summary_html` of `ClusterRun.summary()`: a headline with the elapsed time since `Cluster(...)` ran,
+It is `summary_html` of `ClusterRun.summary()`: a headline with the elapsed time since `Cluster(...)` ran,
 the Ray head's phase (starting, up, failed, stopped) with links to its dashboard and hearth's status page
 through Jupyter, node counts that add up to the nodes shown, a grid of nodes coloured by state (hover for
 a node's boot phases), and the failures with their reasons.
 
-`LiveView` displays one output holding two things: an ipywidgets HTML widget, redrawn four times a second
-while the cluster changes and every `HEARTBEAT_S` otherwise, and a static `text/html` copy of the same
-picture. JupyterLab shows the widget while its kernel lives; nbviewer, GitHub and anything without the
-widget's model show the static copy. When the cluster ends (closed, failed, or its kernel exiting) the
-output is replaced by the final static summary alone, so a saved notebook shows how it ended, not
-"model not found". A kernel that dies without a word (SIGKILL, a crash) cannot say so itself: the live view
-carries a notice that a CSS animation reveals `STALE_AFTER` seconds after the last redraw, and each
-heartbeat's redraw starts that clock again.
+`LiveView` displays it as plain `text/html` with a display id, and replaces it in place (`update_display`)
+four times a second while the cluster changes and every `HEARTBEAT_S` otherwise. Not an ipywidget: a widget
+output cannot fall back to anything in JupyterLab, which prefers the widget's mimetype and shows "Error
+displaying widget: model not found" once the kernel that held the model is gone (a restart, a saved notebook
+reopened), and after a restart Lab drops every message from the old kernel, so it cannot be swapped out
+then. An HTML output is simply the last state it was given, live or saved, in Lab, Notebook, VS Code,
+nbviewer and GitHub alike.
+
+A kernel that ends without a word (restarted, killed) cannot say so itself: the live HTML carries a notice
+that a CSS animation reveals `STALE_AFTER` seconds after it was drawn, and each redraw is a new element,
+so its clock starts again. When the cluster ends (closed, failed) the output becomes the final summary,
+without that notice.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ COLOURS = {"new": "#d9d9d9", "requested": "#d9d9d9", "placed": "#c6c6c6", "vmm_s
            "failed": "#e63946", "stopping": "#a0a0a0", "stopped": "#7a7a7a"}
 BOOTING = {"new", "requested", "placed", "vmm_started", "booting", "guest_up", "ray_joined"}
 OUTCOMES = ("ready", "booting", "failed", "stopped")
-HEARTBEAT_S = 2.0
-STALE_AFTER = 10
+HEARTBEAT_S = 3.0
+STALE_AFTER = 12  # four heartbeats
 BASE_URL_ENV = "HEARTH_JUPYTER_BASE_URL"  # set by hearth's jupyter-server extension for the kernels it starts
 
 
@@ -60,14 +64,14 @@ def jupyter_base_url() -> str | None:
 def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url: str | None = None,
                  view: str = "saved", note: str | None = None) -> str:
     """The cluster as HTML. `base_url`: the Jupyter server's, for links through it (none without one).
-    `view`: "live" (the widget: a heartbeat clock and the stale-kernel notice), "saved" (a snapshot in a
-    notebook: says when it was taken), or "page" (the status page, which refreshes itself).
+    `view`: "live" (LiveView's: when it was drawn, and the stale-kernel notice), "saved" (a snapshot:
+    says when it was taken), or "page" (the status page, which refreshes itself).
     `note`: a last word to show (why the view ended)."""
     live = view == "live"
     now = now or time.time()
     nodes = summary["nodes"]
     counts = Counter(outcome(n) for n in nodes)
-    ended = summary["status"] in ("failed", "stopped")
+    ended = summary.get("ended_at") is not None  # torn down: nothing will change any more
     cells = "".join(
         f'<div title="{html.escape(_tooltip(n, summary["backend"]))}" style="width:14px;height:14px;border-radius:3px;'
         f'background:{COLOURS["failed"] if outcome(n) == "failed" else COLOURS.get(n["state"], "#ccc")}"></div>'
@@ -78,13 +82,12 @@ def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url:
     if any(recovered(n) for n in nodes):
         count_line += f" ({sum(recovered(n) for n in nodes)} recovered on a retry)"
     clock = time.strftime("%H:%M:%S", time.localtime(now))
-    footer = (f"updated {clock}" if live and not ended
-              else f"as of {clock}" + ("" if ended else ": a saved view (the live one needs the kernel that made it)"))
+    footer = f"updated {clock}" if live and not ended else f"as of {clock}"
     return (
         '<div class="hearth-cluster" style="font-family:sans-serif;font-size:13px;line-height:1.6">'
         f'<div><b>hearth cluster {html.escape(summary["name"])}</b> ({html.escape(summary["backend"])}) '
         f'&mdash; <span class="hearth-status">{html.escape(_headline(summary, now))}</span></div>'
-        + _head_line(summary, now, base_url)
+        + _head_line(summary, now, base_url, fades=live and not ended)
         + f'<div class="hearth-counts">{count_line}</div>'
         f'<div style="display:grid;grid-template-columns:repeat(auto-fill,16px);gap:2px;max-width:560px;margin:2px 0">'
         f'{cells}</div>'
@@ -98,7 +101,8 @@ def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url:
 _STALE = (
     # Animations override inline styles, so the notice opens STALE_AFTER s after this HTML was drawn, unless a
     # newer redraw (a new element, a new animation) came first.
-    f"<style>@keyframes hearth-stale {{ to {{ max-height: 6em; }} }}</style>"
+    "<style>@keyframes hearth-stale { to { max-height: 6em; } } @keyframes hearth-gone { to { visibility: hidden; } }"
+    "</style>"
     f'<div class="hearth-stale" style="max-height:0;overflow:hidden;color:#b00;'
     f'animation:hearth-stale 0s linear {STALE_AFTER}s forwards">'
     f"No word from the kernel for {STALE_AFTER} s: it was restarted, shut down or cannot be reached. "
@@ -122,7 +126,8 @@ def _headline(summary: dict[str, Any], now: float) -> str:
     return status
 
 
-def _head_line(summary: dict[str, Any], now: float, base_url: str | None) -> str:
+def _head_line(summary: dict[str, Any], now: float, base_url: str | None, fades: bool) -> str:
+    """`fades`: the dashboard link goes with the stale-kernel notice (the head dies with the kernel)."""
     head = summary.get("head")
     if head is None:
         return ""
@@ -138,10 +143,11 @@ def _head_line(summary: dict[str, Any], now: float, base_url: str | None) -> str
         text = "not started yet"
     links = []
     if base_url is not None:
-        if "up" in head and not ({"stopped", "failed"} & head.keys()):
+        if "up" in head and "stopped" not in head and summary["status"] in ("booting", "ready"):
             dashboard = f"{base_url.rstrip('/')}/hearth/clusters/{summary['name']}/dashboard/"
+            fade = f";animation:hearth-gone 0s linear {STALE_AFTER}s forwards" if fades else ""
             links.append(f'<a href="{html.escape(dashboard)}" target="_blank" rel="noopener" '
-                         'style="color:#1a6fb5;text-decoration:underline">Ray dashboard</a>')
+                         f'style="color:#1a6fb5;text-decoration:underline{fade}">Ray dashboard</a>')
         links.append(f'<a href="{html.escape(base_url.rstrip("/"))}/hearth/" target="_blank" rel="noopener" '
                      'style="color:#1a6fb5;text-decoration:underline">hearth status page</a>')
     return (f'<div class="hearth-head">Ray head: {html.escape(text)}'
@@ -178,41 +184,38 @@ def in_notebook() -> bool:
 
 
 class LiveView:
-    """One display output for a cluster: the live widget beside a static copy, until `end()` leaves the static
-    copy alone. `redraw()` may be called from any thread (ipykernel sends widget updates from any)."""
+    """The cluster's output in a notebook; `redraw()` may be called from any thread (ipykernel sends display
+    updates from any), and sends only what changed."""
 
     def __init__(self, summary: Callable[[], dict[str, Any]]) -> None:
-        import ipywidgets
         from IPython.display import display
 
         self._summary = summary
         self._base_url = jupyter_base_url()
         self.ended = False
-        current = summary()
-        self.widget = ipywidgets.HTML(summary_html(current, base_url=self._base_url, view="live"))
-        self._handle = display(self._bundle(current), raw=True, display_id=True)
+        self._shown = self._bundle(summary(), "live")
+        self._handle = display(self._shown, raw=True, display_id=True)
 
     def redraw(self) -> None:
         if self.ended:
             return
         current = self._summary()
-        if current["status"] in ("failed", "stopped"):
+        if current.get("ended_at") is not None:  # torn down (failing is not the end: teardown follows)
             self.end()
             return
-        self.widget.value = summary_html(current, base_url=self._base_url, view="live")
+        bundle = self._bundle(current, "live")
+        if bundle != self._shown:
+            self._shown = bundle
+            self._handle.update(bundle, raw=True)
 
     def end(self, note: str | None = None) -> None:
-        """Replace the output with the final static summary, and let the widget go."""
-        if self.ended:
-            return
-        self.ended = True
-        current = self._summary()
-        self._handle.update({"text/html": summary_html(current, base_url=self._base_url, note=note),
-                             "text/plain": _plain(current)}, raw=True)
-        self.widget.close()
+        """Show the final summary (and `note`), and stop redrawing."""
+        if not self.ended:
+            self.ended = True
+            self._handle.update(self._bundle(self._summary(), "saved", note), raw=True)
 
-    def _bundle(self, current: dict[str, Any]) -> dict[str, Any]:
-        return {**self.widget._repr_mimebundle_(), "text/html": summary_html(current, base_url=self._base_url),
+    def _bundle(self, current: dict[str, Any], view: str, note: str | None = None) -> dict[str, str]:
+        return {"text/html": summary_html(current, base_url=self._base_url, view=view, note=note),
                 "text/plain": _plain(current)}
 
 
