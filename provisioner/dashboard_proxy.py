@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 
 import tornado.web
 from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.utils import url_path_join
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from provisioner.supervisor import alive, read_state, state_root
@@ -67,7 +68,8 @@ class DashboardProxy(JupyterHandler):
         upstream, token = dashboard_of(name)
         query = urlencode([(k, v) for k, values in self.request.query_arguments.items() if k != "token"
                            for v in values])
-        raw_path = self.request.path.split("/dashboard/", 1)[1]  # as sent (still percent-encoded)
+        prefix = url_path_join(self.base_url, f"hearth/clusters/{name}/dashboard/")
+        raw_path = self.request.path[len(prefix):]  # as sent (still percent-encoded)
         url = f"{upstream}/{raw_path.lstrip('/')}" + (f"?{query}" if query else "")
         headers = {k: self.request.headers[k] for k in TO_RAY if k in self.request.headers}
         headers["authorization"] = f"Bearer {token}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -192,27 +193,33 @@ class LiveView:
 
         self._summary = summary
         self._base_url = jupyter_base_url()
+        self._lock = threading.Lock()  # the loop's redraws and the kernel's close() must not cross: last is final
         self.ended = False
         self._shown = self._bundle(summary(), "live")
         self._handle = display(self._shown, raw=True, display_id=True)
 
     def redraw(self) -> None:
-        if self.ended:
-            return
-        current = self._summary()
-        if current.get("ended_at") is not None:  # torn down (failing is not the end: teardown follows)
-            self.end()
-            return
-        bundle = self._bundle(current, "live")
-        if bundle != self._shown:
-            self._shown = bundle
-            self._handle.update(bundle, raw=True)
+        with self._lock:
+            if self.ended:
+                return
+            current = self._summary()
+            if current.get("ended_at") is not None:  # torn down (failing is not the end: teardown follows)
+                self._end(current, None)
+                return
+            bundle = self._bundle(current, "live")
+            if bundle != self._shown:
+                self._shown = bundle
+                self._handle.update(bundle, raw=True)
 
     def end(self, note: str | None = None) -> None:
         """Show the final summary (and `note`), and stop redrawing."""
-        if not self.ended:
-            self.ended = True
-            self._handle.update(self._bundle(self._summary(), "saved", note), raw=True)
+        with self._lock:
+            if not self.ended:
+                self._end(self._summary(), note)
+
+    def _end(self, current: dict[str, Any], note: str | None) -> None:
+        self.ended = True
+        self._handle.update(self._bundle(current, "saved", note), raw=True)
 
     def _bundle(self, current: dict[str, Any], view: str, note: str | None = None) -> dict[str, str]:
         return {"text/html": summary_html(current, base_url=self._base_url, view=view, note=note),

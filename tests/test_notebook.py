@@ -224,10 +224,11 @@ def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp
     """A `hearth up` cluster seen through a real Jupyter server: the status page (JSON, and in chromium), and
     the cluster's Ray dashboard proxied with its token added by the server, behind Jupyter's own login."""
     need("chromium")
+    name = "dashboard"  # the proxy finds the path after the cluster's prefix, not after the first "/dashboard/"
     port, token = _free_port(), "hearth-test-token"
     env = {**os.environ, **isolated}
     hearth = str(Path(sys.executable).with_name("hearth"))
-    up = subprocess.run([hearth, "up", "--nodes", "1", "--name", "page"], capture_output=True, text=True,
+    up = subprocess.run([hearth, "up", "--nodes", "1", "--name", name], capture_output=True, text=True,
                         timeout=180, env=env)
     assert up.returncode == 0, up.stderr
     server = subprocess.Popen([str(Path(sys.executable).with_name("jupyter")), "server", "--no-browser",
@@ -248,12 +249,12 @@ def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp
         assert denied.value.code == 403
         data = json.load(urllib.request.urlopen(f"{base}/hearth/api/clusters?token={token}", timeout=30))
         (cluster,) = data["clusters"]
-        assert cluster["name"] == "page" and cluster["nodes"][0]["state"] == "ready"
-        ray_token = (Path(isolated["HEARTH_STATE_DIR"]) / "clusters" / "page" / "token").read_text()
+        assert cluster["name"] == name and cluster["nodes"][0]["state"] == "ready"
+        ray_token = (Path(isolated["HEARTH_STATE_DIR"]) / "clusters" / name / "token").read_text()
         assert ray_token not in json.dumps(data)
         assert data["hosts"][0]["gpu_host"] is False and data["hosts"][0]["vfio"]["host"][0]["check"] == "iommu"
 
-        dashboard = f"{base}/hearth/clusters/page/dashboard/"
+        dashboard = f"{base}/hearth/clusters/{name}/dashboard/"
         status, headers, body = _get(dashboard, auth)
         assert status == 200 and b"<title>Ray Dashboard</title>" in body  # Ray's single-page app
         status, headers, body = _get(dashboard + "api/v0/nodes?limit=10", auth)  # an API that needs Ray's token
@@ -267,7 +268,7 @@ def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp
         assert status == 403 or "/login" in headers["Location"]
         assert _get(f"{dashboard}api/jobs/", {**auth, "Content-Type": "application/json"}, method="POST")[0] in (403, 405)
         assert _get(f"{base}/hearth/clusters/nosuch/dashboard/", auth)[0] == 404
-        assert _get(f"{base}/hearth/clusters/page/dashboard", auth)[1]["Location"].endswith("/page/dashboard/")
+        assert _get(f"{base}/hearth/clusters/{name}/dashboard", auth)[1]["Location"].endswith(f"/{name}/dashboard/")
 
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "status-page.png"
@@ -275,19 +276,19 @@ def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp
         browser = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=8000"]
         dom = subprocess.run([*browser, "--dump-dom", f"{base}/hearth/?token={token}"], capture_output=True,
                              text=True, timeout=120)
-        assert "hearth cluster page" in dom.stdout and "page-0" in dom.stdout and "not a GPU host" in dom.stdout
-        assert "/hearth/clusters/page/dashboard/" in dom.stdout  # the page links each running cluster's dashboard
+        assert f"hearth cluster {name}" in dom.stdout and f"{name}-0" in dom.stdout and "not a GPU host" in dom.stdout
+        assert f"/hearth/clusters/{name}/dashboard/" in dom.stdout  # the page links each running cluster's dashboard
         assert "<details><summary>VFIO report for admins</summary>" in dom.stdout and "IOMMU" in dom.stdout
         subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,900", f"{base}/hearth/?token={token}"],
                        capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 10_000
         fresh = [a if not a.startswith("--user-data-dir") else f"--user-data-dir={tmp_path / 'fresh'}" for a in browser]
         login = subprocess.run([*fresh, "--dump-dom", f"{base}/hearth/"], capture_output=True, text=True, timeout=120)
-        assert "hearth cluster page" not in login.stdout  # a browser without the token's cookie: no page
+        assert f"hearth cluster {name}" not in login.stdout  # a browser without the token's cookie: no page
     finally:
         server.terminate()
         server.wait(30)
-        subprocess.run([hearth, "down", "--name", "page"], capture_output=True, timeout=120, env=env)
+        subprocess.run([hearth, "down", "--name", name], capture_output=True, timeout=120, env=env)
     assert processes_mentioning(str(run_dir)) == []
 
 
