@@ -68,13 +68,13 @@ class Cluster:
                             image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
                             min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or _unused_name())
         inventory = load_inventory(Path(hosts)) if hosts else None
-        _take_name(spec.name)
         self.name = spec.name
         self._connect = connect
         self._watching = 0  # while > 0, _watched redraws four times a second; else each event does
+        self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
+        _take_name(spec.name)  # last of the checks: it may close this kernel's cluster of that name
         self._state_dir = state_root() / spec.name
         self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
         if self._run.head is not None:  # for the Jupyter extension's dashboard proxy; never in state.json
             write_atomic(self._state_dir / "token", self._run.head.token, mode=0o600)
         self._view = LiveView(self._run.summary) if show and in_notebook() else None
