@@ -7,7 +7,7 @@ __all__ = ["Cluster", "Pool"]
 
 
 def __getattr__(name: str):
-    # Imported on first use, so that `hearth vfio ...` does not load Ray and the widgets.
+    # Imported on first use, so that `hearth vfio ...` does not load Ray.
     if name == "Cluster":
         from provisioner.cluster import Cluster
 

@@ -87,7 +87,7 @@ def up(
                   "its Ray head went with it, and its VMs power themselves off when they notice", 1)
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
-    console.print(profile_table(state["nodes"]))
+    console.print(profile_table(state["nodes"], state["backend"]))
     console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
                   f"dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
@@ -129,6 +129,9 @@ def down(name: NameOption = DEFAULT_NAME, timeout: Annotated[float, typer.Option
     if not alive(state):
         console.print(f"cluster {name} is not running")
         return
+    if state.get("owner") == "kernel":  # its pid is the kernel's: SIGTERM would end the user's kernel
+        _fail(f"cluster {name} belongs to a notebook kernel (pid {state['pid']}): close it there with "
+              "cluster.close(); `hearth down` stops the clusters `hearth up` started", 1)
     os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(state):
@@ -183,7 +186,7 @@ def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) 
             job = run.submit_job(f"python -c {shlex.quote(script)}")
             result = await asyncio.to_thread(follow, client, job)
             console.print(f"job {job}: {result.value}")
-            console.print(profile_table(run.summary()["nodes"]))
+            console.print(profile_table(run.summary()["nodes"], spec.backend))
         finally:
             await run.down()
             console.print("torn down")

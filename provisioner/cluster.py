@@ -4,31 +4,56 @@
         ray.get([train.remote(cfg) for cfg in configs])  # Ray is connected in this kernel once ready
 
 A thin synchronous front over `ClusterRun`, driven on hearth's background loop (see loop.py), so a cell
-never awaits. In Jupyter it displays a live widget; elsewhere a progress line. When the kernel dies without
-running any cleanup, the nodes still end: local node processes and the Ray head die with this process
-(PR_SET_PDEATHSIG), and VM guests power off when their guest channel's host end goes away.
+never awaits. In Jupyter it displays a live view (view.py); elsewhere a progress line. When the kernel dies
+without running any cleanup, the nodes still end: local node processes and the Ray head die with this
+process (PR_SET_PDEATHSIG), and VM guests power off when their guest channel's host end goes away.
+
+Cells get re-run, so:
+- A `Cluster` named like one still open in this kernel closes that one first, and says so in one line. One
+  named like a cluster another process runs (`hearth up`, another kernel) is refused: two live clusters
+  never share a run directory. Without a name, each cluster gets one no other open cluster has.
+- The kernel has one Ray connection, and it follows the cluster whose `wait()` ran last: a connection to
+  another cluster is shut down before this one's token is put in place (RayHead.connect).
+
+Ctrl-C during `wait()` stops the waiting, not the boot: the boot began with `Cluster(...)`, and a user who
+interrupts a wait to look at something else should not lose nodes half-booted (VMs with GPUs are slow to
+get back). One line says that the cluster keeps booting and how to stop it; the view keeps following it.
+In a `with` block the cluster belongs to the block, so Ctrl-C while entering it tears it down, as Ctrl-C
+in `hearth up` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import json
-import weakref
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from provisioner import loop
-from provisioner.run import ClusterRun, default_work_dir
+from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeEvent
-from provisioner.progress import ProgressLine
-from provisioner.spec import cluster_spec, default_backend
-from provisioner.hosts import load_inventory
 from provisioner.files import write_atomic
-from provisioner.supervisor import state_root
-from provisioner.widget import LiveView, in_notebook, summary_html
+from provisioner.hosts import load_inventory
+from provisioner.profile import NodeTable, cluster_profile_line
+from provisioner.progress import ProgressLine
+from provisioner.run import ClusterRun, default_work_dir
+from provisioner.spec import cluster_spec, default_backend
+from provisioner.supervisor import alive, read_state, state_root
+from provisioner.view import HEARTBEAT_S, LiveView, in_notebook, jupyter_base_url, summary_html
 
-_open: weakref.WeakSet[Cluster] = weakref.WeakSet()
+_open: dict[str, Cluster] = {}  # the clusters open in this process (this kernel), by name
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while waiting for a cluster. IPython shows its one line, not the frames of the threads it
+    interrupted; elsewhere it is a KeyboardInterrupt like any other."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
 
 
 class Cluster:
@@ -41,42 +66,46 @@ class Cluster:
         spec = cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, gpu_type=gpu_type,
                             backend=default_backend(backend, hosts),
                             image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
-                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name)
+                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or _unused_name())
         inventory = load_inventory(Path(hosts)) if hosts else None
         self.name = spec.name
         self._connect = connect
-        self._connected = False
         self._watching = 0  # while > 0, _watched redraws four times a second; else each event does
-        self._state_dir = state_root() / spec.name
-        self._state_dir.mkdir(parents=True, exist_ok=True)
         self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
+        _take_name(spec.name)  # last of the checks: it may close this kernel's cluster of that name
+        self._state_dir = state_root() / spec.name
+        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._run.head is not None:  # for the Jupyter extension's dashboard proxy; never in state.json
+            write_atomic(self._state_dir / "token", self._run.head.token, mode=0o600)
         self._view = LiveView(self._run.summary) if show and in_notebook() else None
         self._line = ProgressLine(spec.nodes) if show and self._view is None else None
-        if self._view is not None:
-            from IPython.display import display
-
-            display(self._view.widget)
-        elif self._line is not None:
+        if self._line is not None:
             self._line.__enter__()
+        _open[self.name] = self
         self._boot = loop.submit(self._up())
-        _open.add(self)
+        if self._view is not None:
+            loop.submit(self._heartbeat())
 
     # -- the verbs ---------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> Cluster:
-        """Block until the cluster is ready (or raise why it is not); then Ray is connected here."""
+        """Block until the cluster is ready (or raise why it is not); then this kernel's Ray is connected to
+        it. Ctrl-C stops the waiting, not the boot."""
+        if self._run.status == "stopped":
+            raise HearthError(f"cluster {self.name} is closed; start another with Cluster(...)")
         try:
             self._boot.result(timeout)
+        except KeyboardInterrupt:
+            raise Interrupted(f"wait() interrupted; cluster {self.name} keeps booting (its view follows it): "
+                              "cluster.wait() waits again, cluster.close() stops it") from None
+        except concurrent.futures.CancelledError:
+            raise HearthError(f"cluster {self.name} was closed before it was ready; start another with "
+                              "Cluster(...)") from None
         finally:
             if self._boot.done() and self._line is not None:
                 self._line.__exit__(None, None, None)
                 self._line = None
-        if self._connect and not self._connected:
-            import ray
-
-            self._run.head.use_in_this_process()
-            if not ray.is_initialized():
-                ray.init(address=self._run.head.address, logging_level="ERROR")
-                self._connected = True
+        if self._connect:
+            self._run.head.connect()
         return self
 
     def scale(self, nodes: int) -> Cluster:
@@ -111,12 +140,17 @@ class Cluster:
         return loop.run(self._run.engine.nodes[node].process.logs())
 
     @property
-    def nodes(self) -> list[dict[str, Any]]:
-        """Each node: id, host, GPUs, state, Ray node id, attempts, errors, boot profile, events."""
-        return self._run.summary()["nodes"]
+    def nodes(self) -> NodeTable:
+        """Each node: id, host, GPUs, state, Ray node id, attempts, errors, boot profile, events; a list of
+        dicts that a notebook shows as a table."""
+        summary = self._run.summary()
+        profile = cluster_profile_line(summary)
+        return NodeTable(summary["nodes"], summary["backend"],
+                         caption=f"cluster {self.name}: {summary['status']}" + (f" ({profile})" if profile else ""))
 
     @property
     def dashboard_url(self) -> str | None:
+        """The Ray dashboard's own address (for API clients with the token; browsers use the view's link)."""
         return self._run.head.dashboard_url if self._run.head else None
 
     @property
@@ -125,27 +159,35 @@ class Cluster:
 
     def close(self) -> None:
         """Stop every node and the Ray head. Idempotent; also runs at interpreter exit."""
-        if self._connected:
-            import ray
-
-            ray.shutdown()
-            self._connected = False
+        if self._run.head is not None:
+            self._run.head.disconnect()
         if not self._boot.done():
             self._boot.cancel()
         loop.run(self._watched(self._run.down()))
+        (self._state_dir / "token").unlink(missing_ok=True)
+        if self._view is not None:
+            self._view.end()
         if self._line is not None:
             self._line.__exit__(None, None, None)
             self._line = None
-        _open.discard(self)
+        if _open.get(self.name) is self:
+            del _open[self.name]
 
     def __enter__(self) -> Cluster:
-        return self.wait()
+        try:
+            return self.wait()
+        except BaseException as error:
+            self.close()
+            if isinstance(error, KeyboardInterrupt):
+                raise Interrupted(f"interrupted while cluster {self.name} booted for this with block; "
+                                  "it was torn down") from None
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _repr_html_(self) -> str:
-        return summary_html(self._run.summary())
+        return summary_html(self._run.summary(), base_url=jupyter_base_url())
 
     def __repr__(self) -> str:
         summary = self._run.summary()
@@ -169,6 +211,13 @@ class Cluster:
             self._watching -= 1
             self._redraw()
 
+    async def _heartbeat(self) -> None:
+        """Redraw the live view now and then while nothing changes, so it can tell when the kernel is gone."""
+        while not self._view.ended:
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self._watching:
+                self._redraw()
+
     def _on_event(self, event: NodeEvent) -> None:
         if self._line is not None:
             self._line.update(event)
@@ -178,13 +227,42 @@ class Cluster:
     def _redraw(self) -> None:
         if self._view is not None:
             self._view.redraw()
-        write_atomic(self._state_dir / "state.json", json.dumps(self._run.summary(), indent=1))
+        write_atomic(self._state_dir / "state.json", json.dumps({**self._run.summary(), "owner": "kernel"}, indent=1))
+
+
+def _unused_name() -> str:
+    while True:
+        name = f"hearth-{secrets.token_hex(3)}"
+        if name not in _open and not alive(read_state(state_root() / name)):
+            return name
+
+
+def _take_name(name: str) -> None:
+    """Close this kernel's open cluster of that name (a re-run cell), or refuse another process's."""
+    previous = _open.get(name)
+    if previous is not None:
+        print(f"hearth: closing cluster {name}, started earlier in this kernel, to start the new one in its place")
+        previous.close()
+        return
+    state = read_state(state_root() / name)
+    if alive(state) and state["pid"] != os.getpid() and state.get("status") in ("new", "booting", "ready"):
+        raise SpecError(f"a cluster named {name} is running in another process (pid {state['pid']}: `hearth up` or "
+                        f"another kernel): pick another name=, or stop that one first (`hearth down --name {name}`, "
+                        "or close() in its notebook)")
 
 
 @atexit.register
 def _close_all() -> None:
-    """A backstop: clusters still open when the interpreter exits normally are closed."""
-    for cluster in list(_open):
+    """A backstop: clusters still open when the interpreter exits normally (a kernel restart or shutdown)
+    are closed. Their views say so first, for frontends still listening (JupyterLab stops listening to a
+    kernel it restarts; there the view's stale-kernel notice tells)."""
+    for cluster in list(_open.values()):
+        if cluster._view is not None:
+            try:
+                cluster._view.end(note="The kernel exited (restarted or shut down), and this cluster with it.")
+            except Exception:  # noqa: BLE001 (exiting anyway)
+                pass
+    for cluster in list(_open.values()):
         try:
             cluster.close()
         except Exception:  # noqa: BLE001 (exiting anyway)

@@ -52,6 +52,8 @@ class RayError(HearthError):
 
 
 class InvalidTransition(HearthError):
+    expected = False
+
     def __init__(self, node: str, old: Any, new: Any) -> None:
         super().__init__(f"node {node}: {old.value} -> {new.value} is not a valid transition")
 

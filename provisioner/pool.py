@@ -24,7 +24,7 @@ from typing import Any
 from provisioner import loop
 from provisioner.run import ClusterRun, default_work_dir
 from provisioner.engine import NODE_LABEL
-from provisioner.errors import BootError
+from provisioner.errors import BootError, SpecError
 from provisioner.spec import cluster_spec, default_backend
 from provisioner.hosts import load_inventory
 
@@ -35,9 +35,9 @@ class Pool:
                  backend: str | None = None, hosts: str | Path | None = None, image: str | Path | None = None,
                  gpu_type: str | None = None, cpus: int = 1, memory_gib: int = 4, name: str = "") -> None:
         if not 0 <= min <= max:
-            raise ValueError(f"Pool needs 0 <= min <= max (got min={min}, max={max})")
+            raise SpecError(f"Pool needs 0 <= min <= max (got min={min}, max={max})")
         if max_concurrency < 1:
-            raise ValueError("max_concurrency is at least 1 call per node")
+            raise SpecError("max_concurrency is at least 1 call per node")
         spec = cluster_spec(nodes=min, gpus_per_node=gpus_per_node, gpu_type=gpu_type, cpus=cpus, memory_gib=memory_gib,
                             backend=default_backend(backend, hosts), image=image,
                             boot_timeout=boot_timeout, name=name)
@@ -69,11 +69,9 @@ class Pool:
         return self._run.summary()["nodes"]
 
     def close(self) -> None:
-        import ray
-
+        if self._run.head is not None:
+            self._run.head.disconnect()
         loop.run(self._close())
-        if ray.is_initialized():
-            ray.shutdown()
 
     def __enter__(self) -> Pool:
         self._started.result()
@@ -88,13 +86,9 @@ class Pool:
 
     # -- on the loop ---------------------------------------------------------------------------------
     async def _start(self) -> None:
-        import ray
-
         self._changed = asyncio.Condition()
         await self._run.up()
-        self._run.head.use_in_this_process()
-        if not ray.is_initialized():
-            await asyncio.to_thread(ray.init, address=self._run.head.address, logging_level="ERROR")
+        await asyncio.to_thread(self._run.head.connect)
         for node in self._run.engine.nodes:
             self._busy[node], self._idle_since[node] = 0, time.monotonic()
         self._reaper = asyncio.create_task(self._reap())

@@ -11,11 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from provisioner.events import BOOT_ORDER, NodeEvent, NodeState
-
-PHASES = [s.value for s in BOOT_ORDER[1:]]
-SHORT = {"placed": "place", "vmm_started": "vmm", "booting": "create", "guest_up": "guest",
-         "ray_joined": "join", "ready": "ready", "total": "total"}
+from provisioner.events import NodeEvent, NodeState
+from provisioner.profile import phase_names, seconds
 
 
 class ProgressLine:
@@ -56,19 +53,18 @@ class ProgressLine:
         return text
 
 
-def profile_table(nodes: list[dict[str, Any]]) -> Group:
-    """Each node's boot profile (seconds per phase) from `ClusterRun.summary()["nodes"]`, and, for VMs whose
-    guest agent reports them, the phases inside the boot."""
-    table = Table(title="boot profile: seconds to reach each state (place, vmm_started, booting, guest_up, "
-                        "ray_joined, ready) from the one before", title_justify="left")
+def profile_table(nodes: list[dict[str, Any]], backend: str) -> Group:
+    """Each node's boot profile (seconds per phase, named for `backend`) from `ClusterRun.summary()["nodes"]`,
+    and, for VMs whose guest agent reports them, the phases inside the boot."""
+    names = phase_names(backend)
+    table = Table(title="boot profile: seconds in each phase", title_justify="left")
     table.add_column("node", no_wrap=True)
     table.add_column("state")
-    for phase in (*PHASES, "total"):
-        table.add_column(SHORT[phase], justify="right")
+    for name in names.values():
+        table.add_column(name, justify="right")
     for node in nodes:
         profile = node["profile"]
-        table.add_row(node["id"], node["state"],
-                      *(f"{profile[p]:.2f}" if p in profile else "-" for p in (*PHASES, "total")))
+        table.add_row(node["id"], node["state"], *(seconds(profile.get(state)) for state in names))
     inside = list(dict.fromkeys(k for node in nodes for k in node.get("guest_profile") or {}))
     if not inside:
         return Group(table)

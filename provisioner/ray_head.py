@@ -29,6 +29,9 @@ from guest.agent import ray_start as ray_start_command
 from provisioner.errors import RayError
 from provisioner.processes import die_with_parent, signal_leader, terminate
 
+_connected: RayHead | None = None  # the cluster this process's Ray is connected to (RayHead.connect)
+
+
 def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
     """`count` distinct ports that were free a moment ago (bound together, so they differ)."""
     sockets = []
@@ -94,6 +97,34 @@ class RayHead:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
+    def connect(self) -> None:
+        """Point this process's Ray (a kernel's `ray.get`, `ray.remote`) at this cluster.
+
+        A process has one Ray connection. One to another cluster (or one the user made) is shut down first,
+        before the token changes: a live connection whose token was swapped under it fails with Ray's
+        authentication errors.
+        """
+        import ray
+
+        global _connected
+        if ray.is_initialized():
+            if _connected is self:
+                return
+            ray.shutdown()
+        self.use_in_this_process()
+        ray.init(address=self.address, logging_level="ERROR")
+        _connected = self
+
+    def disconnect(self) -> None:
+        """Shut this process's Ray connection down if it is to this cluster (and leave one to another alone)."""
+        import ray
+
+        global _connected
+        if _connected is self:
+            _connected = None
+            if ray.is_initialized():
+                ray.shutdown()
 
     @property
     def headers(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ class ClusterRun:
                              host_limits={h.name: h.max_concurrent_boots for h in hosts if h.max_concurrent_boots})
         self.status = "new"
         self.error: str | None = None
+        # Elapsed time counts from here (when `Cluster(...)` ran), not from the first node's boot: the Ray head's
+        # start comes first and takes seconds, and users see it as a phase of its own.
+        self.created_at = time.time()
+        self.ended_at: float | None = None
+        self.head_phases: dict[str, float] = {}  # when the head reached "starting", "up", "failed", "stopped"
         self._scaling = asyncio.Lock()
         self._adaptive: asyncio.Task | None = None
 
@@ -64,11 +70,15 @@ class ClusterRun:
             self.engine.offer(await self.backend.open())
             self.engine.plan()  # short capacity fails here, before the head or any node starts
             if self.head is not None:
+                self.head_phases["starting"] = time.time()
                 await self.head.start()
+                self.head_phases["up"] = time.time()
             ready = await self.engine.up()
         except BaseException as error:
             cancelled = isinstance(error, asyncio.CancelledError)
             self.status, self.error = "failed", "cancelled" if cancelled else str(error) or type(error).__name__
+            if "starting" in self.head_phases and "up" not in self.head_phases:
+                self.head_phases["failed"] = time.time()
             await self.down(keep_status=True)
             raise
         self.status = "ready"
@@ -120,7 +130,10 @@ class ClusterRun:
         await self.backend.close()
         if self.head is not None:
             await self.head.stop()
+            if self.head_phases:
+                self.head_phases.setdefault("stopped", time.time())
         shutil.rmtree(self.work_dir / "n", ignore_errors=True)
+        self.ended_at = self.ended_at or time.time()
         if not keep_status:
             self.status = "stopped"
 
@@ -136,12 +149,13 @@ class ClusterRun:
         return job_client(self.head.dashboard_url, self.head.token)
 
     def summary(self) -> dict[str, Any]:
-        """What `hearth status`, the widget and the status page show (JSON-able; no secrets)."""
+        """What `hearth status`, the notebook's view and the status page show (JSON-able; no secrets)."""
         engine = self.engine
         return {
             "name": self.spec.name, "backend": self.spec.backend, "status": self.status, "error": self.error,
             "pid": os.getpid(), "nodes_asked": self.spec.nodes, "min_nodes": self.spec.required_nodes,
-            "started_at": engine.started_at, "ready_at": engine.ready_at,
+            "created_at": self.created_at, "started_at": engine.started_at, "ready_at": engine.ready_at,
+            "ended_at": self.ended_at, "head": dict(self.head_phases) if self.head else None,
             "ray": {"address": self.head.address, "dashboard": self.head.dashboard_url} if self.head else None,
             "nodes": [_node_summary(r) for r in engine.nodes.values()],
         }

@@ -7,9 +7,21 @@ how to fix it.
 
 from __future__ import annotations
 
+import traceback
+
 
 class HearthError(Exception):
     """Base of every error hearth raises on purpose."""
+
+    expected = True  # bad input, a refusal, a failed boot: the message is the whole story (False: a bug)
+
+    def _render_traceback_(self) -> list[str]:
+        """How IPython (a notebook, `%tb`) shows it: the message, which names the problem and the fix, without
+        hearth's internal frames. Python's own traceback (a script, a log, `traceback.print_exception(
+        sys.last_value)` in a notebook) is unchanged. A bug (`expected = False`) shows in full."""
+        if not self.expected:
+            return "".join(traceback.format_exception(self)).rstrip().splitlines()
+        return [f"\x1b[31m{type(self).__name__}\x1b[0m: {self}"]
 
 
 class SpecError(HearthError, ValueError):
