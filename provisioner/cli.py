@@ -317,7 +317,7 @@ def env_pack(
 
     with console.status("environment image ...") as status:
         packed = _run(lambda: pack(image=image, max_bytes=int(max_size * (1 << 30)), say=status.update,
-                                   ship_interpreter=False if no_interpreter else None))
+                                   with_interpreter=not no_interpreter))
     found, env = packed.image, packed.environment
     row = {"key": found.key, "path": str(found.path), "sha256": found.sha256, "size": found.size,
            "cached": packed.cached, "seconds": round(packed.seconds, 3), "python": found.meta["python"],

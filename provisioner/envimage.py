@@ -119,10 +119,10 @@ class Packed:
     environment: Environment
 
 
-def environment(prefix: Path | None = None, *, ship_interpreter: bool | None = None,
+def environment(prefix: Path | None = None, *, with_interpreter: bool = True,
                 guest: Guest | None = None) -> Environment:
     """What `prefix` (default: this interpreter's) has installed, keyed for this packer (envscan.py)."""
-    return scan(prefix, ship_interpreter=ship_interpreter, guest_glibc=(guest or Guest.of()).glibc,
+    return scan(prefix, with_interpreter=with_interpreter, guest_glibc=(guest or Guest.of()).glibc,
                 packer={"format": FORMAT, "mkfs": MKFS})
 
 
@@ -143,6 +143,10 @@ def check(env: Environment, guest: Guest, max_bytes: int = DEFAULT_MAX_BYTES) ->
                             f"manylinux_{guest.glibc[0]}_{guest.glibc[1]} or older (`pip download {dist.name} --no-deps "
                             f"--only-binary=:all: --python-version {env.python} --platform "
                             f"manylinux_{guest.glibc[0]}_{guest.glibc[1]}_x86_64` names the newest that fits)")
+    for tree in env.trees:
+        if not tree.source.exists():
+            problems.append(f"{tree.source} is named by an editable or path install in {env.site_packages[0]} but "
+                            "does not exist: reinstall that package, or uninstall it")
     for tree in (*env.trees, *env.loose):
         if tree.glibc > guest.glibc:
             problems.append(f"{tree.source} has compiled files that need glibc {tree.glibc[0]}.{tree.glibc[1]} and the "
@@ -256,12 +260,13 @@ class _locked:
 
 # -- packing --------------------------------------------------------------------------------------------------
 def pack(prefix: Path | None = None, *, image: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-         cache: Path | None = None, ship_interpreter: bool | None = None, say=lambda text: None) -> Packed:
+         cache: Path | None = None, with_interpreter: bool = True, say=lambda text: None) -> Packed:
     """The image of `prefix`'s environment (default: this interpreter's), packed now or found in the cache.
-    `image`: the guest image directory whose manifest names the Python and suite the nodes run."""
+    `image`: the guest image directory whose manifest names the Python and suite the nodes run.
+    `with_interpreter`: carry this interpreter when it is relocatable (False: nodes run the guest's)."""
     started = time.perf_counter()
     guest = Guest.of(image)
-    env = environment(prefix, ship_interpreter=ship_interpreter, guest=guest)
+    env = environment(prefix, with_interpreter=with_interpreter, guest=guest)
     check(env, guest, max_bytes)
     cache = cache or cache_dir()
     hit = lookup(cache, env.key)
@@ -287,7 +292,11 @@ def pack(prefix: Path | None = None, *, image: Path | None = None, max_bytes: in
             meta.update(sha256=_sha256(out), size=out.stat().st_size, packed_at=time.time(),
                         pack_s=round(time.perf_counter() - started, 2))
             os.replace(out, cache / f"{env.key}.img")
-            write_atomic(cache / f"{env.key}.json", json.dumps(meta, indent=1), 0o600)
+            try:
+                write_atomic(cache / f"{env.key}.json", json.dumps(meta, indent=1), 0o600)
+            except BaseException:
+                (cache / f"{env.key}.img").unlink()
+                raise
     return Packed(lookup(cache, env.key), False, time.perf_counter() - started, env)
 
 
@@ -357,8 +366,5 @@ def _put(source: str, target: str, link: bool, directory: bool) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -84,11 +84,11 @@ class Environment:
         return carried + (self.interpreter.size if self.interpreter.shipped else 0)
 
 
-def scan(prefix: Path | None = None, *, ship_interpreter: bool | None = None, guest_glibc=(2, 36),
+def scan(prefix: Path | None = None, *, with_interpreter: bool = True, guest_glibc=(2, 36),
          packer: dict | None = None) -> Environment:
     """Read what `prefix` (default: this interpreter's sys.prefix) has installed and compute its key.
-    `ship_interpreter`: None carries the running interpreter when it is relocatable, False never. `packer`:
-    the packer's settings (format version, mkfs options), part of the key."""
+    `with_interpreter`: carry the running interpreter when it is relocatable (False: never). `packer`: the
+    packer's settings (format version, mkfs options), part of the key."""
     prefix = Path(prefix or sys.prefix)
     scheme = "venv" if "venv" in sysconfig.get_scheme_names() else "posix_prefix"
     paths = sysconfig.get_paths(scheme, vars={"base": str(prefix), "platbase": str(prefix)})
@@ -96,8 +96,8 @@ def scan(prefix: Path | None = None, *, ship_interpreter: bool | None = None, gu
     if not site:
         raise EnvError(f"{prefix} has no site-packages ({paths['purelib']}): run hearth from a virtual environment")
     found = interpreter(guest_glibc)
-    if ship_interpreter is False and found.shipped:
-        found = Interpreter(found.version, False, "not carried (asked so)")
+    if not with_interpreter and found.shipped:
+        found = Interpreter(found.version, False, "left out as asked (--no-interpreter)")
     env = Environment(site, f"{sys.version_info[0]}.{sys.version_info[1]}", found)
     owned: set[str] = set()
     records = []

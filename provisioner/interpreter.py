@@ -24,6 +24,7 @@ Otherwise nodes use the guest image's own Python (the env image is then a venv o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -117,8 +118,9 @@ class Interpreter:
         return ".".join(self.version.split(".")[:2])
 
 
+@functools.lru_cache(maxsize=4)
 def interpreter(guest_glibc: tuple[int, int] = (2, 36)) -> Interpreter:
-    """The running interpreter, judged for the guest (see the module docstring)."""
+    """The running interpreter, judged for the guest (see the module docstring); judged once per process."""
     version = ".".join(map(str, sys.version_info[:3]))
     base = Path(sys.base_prefix)
     minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
@@ -152,7 +154,8 @@ def interpreter(guest_glibc: tuple[int, int] = (2, 36)) -> Interpreter:
     newest = elf.glibc
     lib = read_elf(libpython) if libpython else None
     if lib is not None:
-        problems += [f"{libpython.name} needs {n}, which the guest image lacks" for n in lib.needed if n not in GUEST_LIBRARIES]
+        problems += [f"{libpython.name} needs {n}, which the guest image lacks"
+                     for n in lib.needed if n not in GUEST_LIBRARIES]
         newest = max(newest, lib.glibc)
     unavailable = []
     for module in sorted((stdlib / "lib-dynload").glob("*.so")):
@@ -161,7 +164,8 @@ def interpreter(guest_glibc: tuple[int, int] = (2, 36)) -> Interpreter:
         if missing and OPTIONAL_MODULES.match(module.name):
             unavailable.append(f"{module.name.split('.')[0]} (needs {', '.join(missing)})")
         elif missing:
-            problems.append(f"its {module.name.split('.')[0]} module needs {', '.join(missing)}, which the guest image lacks")
+            problems.append(f"its {module.name.split('.')[0]} module needs {', '.join(missing)}, "
+                            "which the guest image lacks")
         elif facts is not None:
             newest = max(newest, facts.glibc)
     if newest > guest_glibc:
@@ -212,7 +216,8 @@ def _listing(stdlib: Path) -> tuple[str, int]:
     binary), and their total size."""
     digest, total = hashlib.sha256(), 0
     for directory, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (directory == str(stdlib) and STDLIB_LEFT_OUT.fullmatch(d)))
+        top = directory == str(stdlib)
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (top and STDLIB_LEFT_OUT.fullmatch(d)))
         for name in sorted(files):
             path = os.path.join(directory, name)
             size = os.lstat(path).st_size

@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from importlib.metadata import distribution
 from pathlib import Path
@@ -72,8 +71,9 @@ def snapshot(directory: Path) -> list[str] | None:
 # -- the environment image -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    """This test venv (Ray, Jupyter, hearth editable), packed cold into a fresh cache."""
-    cache = tmp_path_factory.mktemp("cache") / "hearth-env"
+    """This test venv (Ray, Jupyter, hearth editable), packed cold into a fresh cache ($XDG_CACHE_HOME/hearth/env
+    for an XDG_CACHE_HOME of its own)."""
+    cache = tmp_path_factory.mktemp("xdg") / "hearth" / "env"
     result = pack(cache=cache)
     site = Path(result.environment.site_packages[0])
     FIGURES.append(f"this .venv: site-packages {mib(tree_bytes(site))}, {sum(1 for _ in site.rglob('*'))} entries; "
@@ -97,6 +97,30 @@ def test_pack_this_venv_then_find_it_cached(packed):
     decided = time.perf_counter() - started
     assert key == image.key
     FIGURES.append(f"cached: pack() {again.seconds:.3f} s in all; the key alone {decided:.3f} s")
+
+
+def test_hearth_env_pack_ls_prune(packed):
+    cache = packed.image.path.parent
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent), "COLUMNS": "200"}
+    hearth = str(Path(sys.executable).with_name("hearth"))
+
+    def run(*args: str) -> str:
+        done = subprocess.run([hearth, "env", *args], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    found = json.loads(run("pack", "--json"))
+    assert found["cached"] and found["key"] == packed.image.key and found["sha256"] == packed.image.sha256
+    assert found["interpreter"] == "shipped" and found["size"] == packed.image.size
+    assert f"env image {packed.image.key[:12]}: " in run("pack") and "already packed" in run("pack")
+    stale = "0" * 64
+    (cache / f"{stale}.img").write_bytes(b"old")
+    (cache / f"{stale}.json").write_text(json.dumps({"sha256": stale, "size": 3, "packed_at": 1}))
+    listed = json.loads(run("ls", "--json"))
+    assert [(r["key"], r["current"]) for r in listed] == [(stale, False), (packed.image.key, True)]
+    assert json.loads(run("prune", "--json")) == {"local": [stale], "hosts": []}
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
+        f"{packed.image.key}.img", f"{packed.image.key}.json"]
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a loop device needs root (CI runs the tests as root)")
@@ -183,7 +207,7 @@ def test_a_changed_environment_gets_a_new_key(small, tmp_path):
     assert environment(small).key == first.key
     (tmp_path / "src/mylib.py").write_text("VALUE = 2\n")  # an edit to a path install's source
     assert environment(small).key not in (first.key, installed)
-    assert environment(small, ship_interpreter=False).key != environment(small).key
+    assert environment(small, with_interpreter=False).key != environment(small).key
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a loop device needs root (CI runs the tests as root)")
@@ -191,7 +215,7 @@ def test_without_the_interpreter_the_image_is_a_venv_over_the_guests_python(smal
     """The other layout: no interpreter inside, bin/python3 is the guest's own Python (Debian bookworm's, here
     the same /usr/bin/python3.11 as in the guest image) with the image's site-packages."""
     assert GUEST_PYTHON.exists(), f"{GUEST_PYTHON} is Debian's python3 (scripts/test installs it)"
-    result = pack(small, cache=tmp_path / "cache", ship_interpreter=False)
+    result = pack(small, cache=tmp_path / "cache", with_interpreter=False)
     assert result.image.meta["interpreter"] == "guest"
     with mounted(result.image.path, tmp_path / "env") as mount:
         assert os.readlink(mount / "bin/python3.11") == str(GUEST_PYTHON)

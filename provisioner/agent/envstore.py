@@ -181,7 +181,8 @@ class EnvStore:
         """Remove an image (or what arrived of it). Refused while a VM uses it or it is being received."""
         _check(sha)
         if sha in in_use:
-            raise EnvStoreError(f"env image {sha[:12]} is used by a VM on this host: it can go once that VM has stopped", 409)
+            raise EnvStoreError(f"env image {sha[:12]} is used by a VM on this host: it can go once that VM has "
+                                "stopped", 409)
         if sha in self._uploading:
             raise EnvStoreError(f"env image {sha[:12]} is being received: delete it once the upload has ended", 409)
         paths = [p for p in (self.dir / f"{sha}.img", *self.dir.glob(f"{sha}.*.part")) if p.exists()]
