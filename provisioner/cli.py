@@ -376,7 +376,7 @@ def env_prune(
         console.print(f"removed {len(report['local'])} env image(s) here")
         for row in report["hosts"]:
             console.print(f"{row['host']}: " + (f"[red]{row['problem']}[/]" if row["problem"] else
-                          f"removed {len(row['removed'])}, kept {len(row['in_use'])} in use by VMs"))
+                          f"removed {len(row['removed'])}, kept {len(row['kept'])} (used by a VM, or arriving)"))
     if any(r["problem"] for r in report["hosts"]):
         raise typer.Exit(1)
 

@@ -206,12 +206,12 @@ def prune(cache: Path | None = None, keep: set[str] = frozenset()) -> list[str]:
 
 async def prune_hosts(inventory, local_dir: Path, keep: set[str] = frozenset()) -> list[dict]:
     """Ask every host's agent to remove its env images but those whose sha256 is in `keep`; an agent refuses
-    the ones a VM uses. One row per host: removed, kept (in use), or why the host could not be asked."""
+    the ones a VM uses or it is receiving. One row per host: removed, kept, or why it could not be asked."""
     from provisioner.agent.client import connect
     from provisioner.errors import AgentRefused
 
     async def one(host) -> dict:
-        row = {"host": host.name, "removed": [], "in_use": [], "problem": None}
+        row = {"host": host.name, "removed": [], "kept": [], "problem": None}
         try:
             client = await connect(host, local_dir)
             try:
@@ -224,7 +224,7 @@ async def prune_hosts(inventory, local_dir: Path, keep: set[str] = frozenset()) 
                     except AgentRefused as error:
                         if error.status != 409:
                             raise
-                        row["in_use"].append(image["sha256"])
+                        row["kept"].append(image["sha256"])
             finally:
                 await client.aclose()
         except HearthError as error:
