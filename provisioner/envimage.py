@@ -6,8 +6,8 @@ path installs it points at) into one read-only filesystem image that each host k
 mounts (design.md, "What a node carries").
 
 Format: erofs, lz4, 4 KiB clusters (`mkfs.erofs -zlz4`, erofs-utils; Debian bookworm has 1.5). Measured on
-this 2-core machine against squashfs (squashfs-tools 4.5) with this repository's 549 MB `.venv` (29,000
-files): squashfs packs faster (zstd-3 1.7 s, 170 MB; lz4 2.2 s, 225 MB, multithreaded and deduplicating;
+this 2-core machine against squashfs (squashfs-tools 4.5) on this repository's `.venv` site-packages (549 MB,
+29,000 files): squashfs packs faster (zstd-3 1.7 s, 170 MB; lz4 2.2 s, 225 MB, multithreaded and deduplicating;
 erofs lz4 2.9 s, 286 MB, single-threaded in 1.5), but reading it back is the cost every node pays on every
 boot, and there erofs wins: reading all files after a fresh mount took 1.6-1.7 s from erofs lz4 against
 2.4-3.4 s from squashfs (lz4 or zstd). erofs was made for this (compression into fixed-size output clusters,

@@ -26,7 +26,7 @@ import pytest
 
 from provisioner.agent.client import connect
 from provisioner.agent.envstore import EnvStore, EnvStoreError
-from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, prune, prune_hosts
+from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, prune
 from provisioner.errors import AgentRefused, EnvError
 from provisioner.hosts import Host, Inventory
 
@@ -545,7 +545,10 @@ def test_hosts_check_lists_env_images_and_prune_removes_them(agents, sshd, run_d
     table = subprocess.run([hearth, "hosts", "check", "--hosts", str(inventory_file)], capture_output=True, text=True,
                            env=env, timeout=120).stdout
     assert f"{sha[:12]} 24 MiB" in table
-    rows = asyncio.run(prune_hosts(Inventory(hosts=hosts), run_dir / "fwd"))
+    pruned = subprocess.run([hearth, "env", "prune", "--hosts", str(inventory_file), "--json"], capture_output=True,
+                            text=True, env={**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}, timeout=120)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    rows = json.loads(pruned.stdout)["hosts"]
     assert [(r["host"], r["removed"], r["problem"]) for r in rows] == [("a", [sha], None), ("b", [sha], None)]
     assert list(envs_dir(agents, "a").iterdir()) == list(envs_dir(agents, "b").iterdir()) == []
 
