@@ -113,10 +113,6 @@ class Interpreter:
     size: int = 0  # bytes it adds to the image
     identity: dict = field(default_factory=dict)  # what the image key hashes
 
-    @property
-    def minor(self) -> str:
-        return ".".join(self.version.split(".")[:2])
-
 
 @functools.lru_cache(maxsize=4)
 def interpreter(guest_glibc: tuple[int, int] = (2, 36)) -> Interpreter:
@@ -132,8 +128,9 @@ def interpreter(guest_glibc: tuple[int, int] = (2, 36)) -> Interpreter:
         return no("only a CPython on x86-64 Linux can run in the guest")
     if base == Path("/usr") or not base.is_absolute():
         return no(f"{base} is a distribution's own Python: its layout and site module are the distribution's")
+    base = base.resolve()  # compared with resolved paths below
     binary = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
-    stdlib = Path(sysconfig.get_path("stdlib"))
+    stdlib = Path(sysconfig.get_path("stdlib")).resolve()
     if binary.parent != base / "bin" or stdlib != base / "lib" / minor or not (stdlib / "lib-dynload").is_dir():
         return no(f"its layout is not <prefix>/bin/{minor} with the standard library in <prefix>/lib/{minor}")
     elf = read_elf(binary)

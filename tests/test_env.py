@@ -20,12 +20,14 @@ import sys
 import time
 from importlib.metadata import distribution
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from provisioner.agent.client import connect
 from provisioner.agent.envstore import EnvStore, EnvStoreError
+from provisioner.agent.server import _envs_in_use
 from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, prune
 from provisioner.errors import AgentRefused, EnvError
 from provisioner.hosts import Host, Inventory
@@ -517,6 +519,9 @@ def test_an_image_a_vm_uses_is_not_deleted(tmp_path, blob):
     with pytest.raises(EnvStoreError, match="is used by a VM on this host") as refused:
         store.delete(sha, in_use={sha})
     assert refused.value.status == 409 and (tmp_path / "envs" / f"{sha}.img").exists()
+    # the agent's DELETE passes the images its VMs' leases name (the create request's `env_image`)
+    leases = {"n1": SimpleNamespace(request={"env_image": sha}), "n2": SimpleNamespace(request={})}
+    assert _envs_in_use(SimpleNamespace(ledger=SimpleNamespace(vms=leases))) == {sha}
     assert store.delete(sha, in_use=set())["bytes"] == path.stat().st_size
     assert list((tmp_path / "envs").iterdir()) == []
 
