@@ -80,6 +80,7 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=
         "suite": SUITE, "kernel": _package_version(_kernel_package()), "busybox": _package_version("busybox-static"),
         "ray": ray_version, "agent": _sha256(HERE / "agent.py"), "recipe": _sha256(Path(__file__)),
         "pins": hashlib.sha256(constraints.encode()).hexdigest()[:16],
+        "python": f"{PYTHON[0]}.{PYTHON[1]}",  # the nodes' Python: `hearth env pack` refuses a controller on another
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     manifest_path = out / "manifest.json"

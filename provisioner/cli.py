@@ -29,10 +29,12 @@ app = typer.Typer(help="hearth: a notebook cell becomes a GPU cluster of Cloud H
 job_app = typer.Typer(help="Ray jobs on a hearth cluster.", no_args_is_help=True)
 hosts_app = typer.Typer(help="The GPU hosts in a hosts file, through their agents.", no_args_is_help=True)
 guest_app = typer.Typer(help="The guest image every node boots.", no_args_is_help=True)
+env_app = typer.Typer(help="The environment image: this Python environment, packed for the nodes.", no_args_is_help=True)
 app.add_typer(vfio_app, name="vfio")
 app.add_typer(job_app, name="job")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(guest_app, name="guest")
+app.add_typer(env_app, name="env")
 console = Console(highlight=False)
 NameOption = Annotated[str, typer.Option("--name", help="Which cluster (hearth up --name).")]
 DEFAULT_NAME = "hearth"
@@ -307,6 +309,95 @@ def guest_build(
 
         manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver, say=say))
     console.print_json(json.dumps(manifest))
+
+
+@env_app.command("pack")
+def env_pack(
+    image: Annotated[Optional[Path], typer.Option(help="The nodes' guest image directory: its manifest names the "
+                                                  "Python and Debian suite they run (default: what `hearth guest "
+                                                  "build` makes).")] = None,
+    max_size: Annotated[float, typer.Option(help="Refuse an environment bigger than this, GiB.")] = 8.0,
+    no_interpreter: Annotated[bool, typer.Option("--no-interpreter", help="Leave this Python's interpreter out: "
+                                                 "nodes run the guest image's.")] = False,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Pack this Python environment into the env image nodes mount (or find it already packed)."""
+    from provisioner.envimage import pack
+
+    with console.status("environment image ...") as status:
+        packed = _run(lambda: pack(image=image, max_bytes=int(max_size * (1 << 30)), say=status.update,
+                                   with_interpreter=not no_interpreter))
+    found, env = packed.image, packed.environment
+    row = {"key": found.key, "path": str(found.path), "sha256": found.sha256, "size": found.size,
+           "cached": packed.cached, "seconds": round(packed.seconds, 3), "python": found.meta["python"],
+           "interpreter": found.meta["interpreter"], "interpreter_reason": env.interpreter.reason}
+    if json_output:
+        typer.echo(json.dumps(row, indent=1))
+        return
+    how = f"already packed ({packed.seconds:.2f} s to find)" if packed.cached else f"packed in {packed.seconds:.1f} s"
+    console.print(f"env image {found.key[:12]}: {found.size / (1 << 20):.0f} MiB, {how}\n  {found.path}\n"
+                  f"  Python {row['python']}, interpreter: {row['interpreter']} ({env.interpreter.reason})")
+
+
+@env_app.command("ls")
+def env_ls(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The env images packed on this machine; the current environment's is marked."""
+    from provisioner.envimage import images
+
+    current = _current_env_key()
+    rows = [{"key": i.key, "sha256": i.sha256, "size": i.size, "python": i.meta.get("python"),
+             "interpreter": i.meta.get("interpreter"), "packed_at": i.meta.get("packed_at"), "path": str(i.path),
+             "current": i.key == current} for i in images()]
+    if json_output:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    table = Table()
+    for column in ("key", "size", "Python", "interpreter", "packed", ""):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["key"][:12], f"{row['size'] / (1 << 20):.0f} MiB", row["python"], row["interpreter"],
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(row["packed_at"] or 0)),
+                      "current" if row["current"] else "")
+    console.print(table)
+
+
+@env_app.command("prune")
+def env_prune(
+    hosts: Annotated[Optional[Path], typer.Option(help="Also ask these hosts' agents to remove the env images "
+                                                  "no VM uses.")] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Remove the env images other than the current environment's: here, and with --hosts on every host."""
+    import tempfile
+
+    from provisioner.envimage import images, prune, prune_hosts
+
+    current = _current_env_key()
+    keep = {i.sha256 for i in images() if i.key == current}
+    report = {"local": prune(keep={current} if current else set()), "hosts": []}
+    if hosts is not None:
+        inventory = _run(lambda: load_inventory(hosts))
+        with tempfile.TemporaryDirectory(prefix="hearth-prune-", dir="/tmp") as local:
+            report["hosts"] = _run(lambda: asyncio.run(prune_hosts(inventory, Path(local), keep)))
+    if json_output:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        console.print(f"removed {len(report['local'])} env image(s) here")
+        for row in report["hosts"]:
+            console.print(f"{row['host']}: " + (f"[red]{row['problem']}[/]" if row["problem"] else
+                          f"removed {len(row['removed'])}, kept {len(row['kept'])} (used by a VM, or arriving)"))
+    if any(r["problem"] for r in report["hosts"]):
+        raise typer.Exit(1)
+
+
+def _current_env_key() -> str | None:
+    """The key of this Python environment's image (packed or not), or None when it cannot be packed."""
+    from provisioner.envimage import environment
+
+    try:
+        return environment().key
+    except HearthError:
+        return None
 
 
 def _client(name: str):

@@ -12,6 +12,7 @@
     ├── InvalidTransition      a node state change the transition table forbids (a bug, not bad input)
     ├── NetError               a tap could not be made or set up
     ├── BuildError             `hearth guest build` failed
+    ├── EnvError               the environment cannot be packed for the nodes (Python, glibc, size, mkfs)
     ├── VmmError               a VMM process failed, refused or stopped answering
     │   ├── VmmApiError        the API answered with an error status (endpoint, status, CH's error chain)
     │   ├── VmmTimeout         a call got no answer in time
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 from vfio.errors import BindFailed, BindRefused, HearthError, HostRootError, SpecError, VfioError
 
 __all__ = ["HearthError", "SpecError", "HostRootError", "VfioError", "BindRefused", "BindFailed", "PlacementError",
-           "BootError", "RayError", "InvalidTransition", "NetError", "BuildError", "VmmError", "VmmApiError",
+           "BootError", "RayError", "InvalidTransition", "NetError", "BuildError", "EnvError", "VmmError", "VmmApiError",
            "VmmTimeout", "VmmExited", "AgentError", "LeaseConflict", "VmNotFound", "AgentRefused",
            "AgentUnreachable", "validated"]
 
@@ -63,6 +64,10 @@ class NetError(HearthError):
 
 
 class BuildError(HearthError):
+    pass
+
+
+class EnvError(HearthError):
     pass
 
 

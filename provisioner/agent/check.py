@@ -1,8 +1,8 @@
 """`hearth hosts check`: reach every host's agent and judge what it reports, in one table.
 
-The agent reports facts (versions, VFIO state, GPUs, its bridge, forwarding, routes); the judging is done
-here, because only the hosts file knows the whole fleet: every host must route every other host's
-subnet (docs/networking.md).
+The agent reports facts (versions, VFIO state, GPUs, its bridge, forwarding, routes, the env images it
+keeps); the judging is done here, because only the hosts file knows the whole fleet: every host must route
+every other host's subnet (docs/networking.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from provisioner.agent.client import connect
-from provisioner.errors import HearthError
+from provisioner.errors import AgentRefused, HearthError
 from provisioner.hosts import Host, Inventory
 
 
@@ -29,11 +29,15 @@ async def _one(host: Host, inventory: Inventory, local_dir: Path) -> dict[str, A
         client = await connect(host, local_dir)
         try:
             info = await client.info()
+            try:
+                envs = (await client.envs())["images"]
+            except AgentRefused as error:  # an agent from before env images
+                envs = None if error.status == 404 else [{"problem": str(error)}]
         finally:
             await client.aclose()
     except HearthError as error:
-        return {"host": host.name, "info": None, "problems": [str(error)]}
-    return {"host": host.name, "info": info, "problems": problems(host, info, inventory)}
+        return {"host": host.name, "info": None, "envs": None, "problems": [str(error)]}
+    return {"host": host.name, "info": info, "envs": envs, "problems": problems(host, info, inventory)}
 
 
 def problems(host: Host, info: dict[str, Any], inventory: Inventory) -> list[str]:
@@ -76,13 +80,13 @@ def problems(host: Host, info: dict[str, Any], inventory: Inventory) -> list[str
 
 def table(rows: list[dict[str, Any]]) -> Table:
     grid = Table(title="hearth hosts", title_justify="left")
-    for column in ("host", "agent", "GPUs free", "cloud-hypervisor", "VFIO", "network", "problems"):
+    for column in ("host", "agent", "GPUs free", "cloud-hypervisor", "VFIO", "network", "env images", "problems"):
         grid.add_column(column, overflow="fold")
     for row in rows:
         info = row["info"]
         problems_text = "\n".join(row["problems"]) or "[green]none[/]"
         if info is None:
-            grid.add_row(row["host"], "[red]unreachable[/]", "", "", "", "", problems_text)
+            grid.add_row(row["host"], "[red]unreachable[/]", "", "", "", "", "", problems_text)
             continue
         vmm = info["cloud_hypervisor"]
         vfio = {0: "[green]ready[/]", 1: "[yellow]warnings[/]"}.get(info["vfio"]["exit_code"], "[red]errors[/]")
@@ -92,5 +96,24 @@ def table(rows: list[dict[str, Any]]) -> Table:
                else "no bridge") + (", forwarding" if network["forwarding"] else ", no forwarding")
         grid.add_row(row["host"], info["agent"], f"{info['gpus']['free']}/{info['gpus']['usable']}",
                      (vmm.get("version") or "missing") + (" (stand-in)" if vmm.get("standin") else ""),
-                     f"{vfio} ({info['vfio']['gpus']} GPUs)", net, problems_text)
+                     f"{vfio} ({info['vfio']['gpus']} GPUs)", net, _envs(row.get("envs")), problems_text)
     return grid
+
+
+def _envs(images: list[dict[str, Any]] | None) -> str:
+    """Each env image on the host: its sha256 prefix and size (and how much has arrived, when partial)."""
+    if images is None:
+        return "[dim]unknown[/]"
+    lines = []
+    for image in images:
+        if "problem" in image:
+            lines.append(f"[red]{image['problem']}[/]")
+        elif image["complete"]:
+            lines.append(f"{image['sha256'][:12]} {_mib(image['size'])}")
+        else:
+            lines.append(f"{image['sha256'][:12]} {_mib(image['received'])} of {_mib(image['size'])} (partial)")
+    return "\n".join(lines) or "none"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"

@@ -6,20 +6,38 @@ are always checked) and forwards a Unix socket in its run directory to the agent
 the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon, port or secret: SSH is the
 authentication, the socket's group the authorisation. Every new HTTP connection is a new SSH channel, so
 an agent that restarts is reached again without reconnecting.
+
+`send_env` delivers an env image (envimage.py) the same way through either: it asks the host what it has and
+streams only what is missing from the file, resuming from the host's count after a dropped connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.errors import AgentRefused, AgentUnreachable
 from provisioner.hosts import Host
+
+
+@dataclass(frozen=True)
+class EnvSent:
+    """What `send_env` did: the host had the image already, or how many bytes went and in how long."""
+    host: str
+    sha256: str
+    already_there: bool
+    bytes_sent: int
+    seconds: float
+    resumed: int = 0  # times the upload picked up again after a dropped connection
 
 
 class AgentClient:
@@ -59,6 +77,41 @@ class AgentClient:
     async def release(self, controller: str) -> dict[str, Any]:
         return await self._call("DELETE", f"/v1/leases/{controller}", timeout=120)
 
+    async def envs(self) -> dict[str, Any]:
+        return await self._call("GET", "/v1/envs")
+
+    async def delete_env(self, sha256: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/v1/envs/{sha256}")
+
+    async def send_env(self, image: Path, sha256: str, *, retries: int = 5, chunk: int = 1 << 20) -> EnvSent:
+        """Make the host hold the env image `image` (whose sha256 is `sha256`): nothing is sent when it has it;
+        otherwise the rest of the file is streamed from what the host has received, again after a dropped
+        connection (or a restarted agent), up to `retries` times. The host's refusals (no room, a corrupted
+        transfer) are raised as they are."""
+        size = image.stat().st_size
+        started, sent, resumed = time.monotonic(), 0, 0
+        for attempt in range(retries + 1):
+            try:
+                state = await self._call("GET", f"/v1/envs/{sha256}", params={"size": size})
+                if not state["complete"]:
+                    offset, counted = state["received"], [0]
+                    try:
+                        state = await self._call("PUT", f"/v1/envs/{sha256}", params={"offset": offset},
+                                                 headers={SIZE_HEADER: str(size), "Content-Length": str(size - offset)},
+                                                 content=_read(image, offset, chunk, counted), timeout=300)
+                    finally:
+                        sent += counted[0]
+                if state["complete"]:
+                    return EnvSent(self.host, sha256, attempt == 0 and sent == 0, sent,
+                                   round(time.monotonic() - started, 3), resumed)
+            except (AgentUnreachable, AgentRefused) as error:
+                # a dropped connection, or the host still finishing the dropped upload (409): ask again
+                if isinstance(error, AgentRefused) and error.status != 409 or attempt == retries:
+                    raise
+            resumed += 1
+            await asyncio.sleep(min(0.25 * 2 ** attempt, 4.0))
+        raise AgentUnreachable(f"host {self.host}: env image {sha256[:12]} was still incomplete after {retries} retries")
+
     async def aclose(self) -> None:
         await self._http.aclose()
         for close in self._closers:
@@ -81,6 +134,14 @@ class AgentClient:
         except (ValueError, KeyError, TypeError):
             message = response.text.strip() or response.reason_phrase
         raise AgentRefused(self.host, response.status_code, message)
+
+
+async def _read(path: Path, offset: int, chunk: int, counted: list[int]) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(chunk):
+            counted[0] += len(block)
+            yield block
 
 
 async def connect(host: Host, local_dir: Path) -> AgentClient:

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from provisioner.agent.envstore import DEFAULT_MARGIN, SIZE_HEADER, EnvStore, parse_margin
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
 from provisioner.node import NODE_ID
@@ -33,7 +34,8 @@ MAX_GRACE_S = 120.0  # a stop's polite part; after it, SIGTERM and SIGKILL
 MAX_TTL_S = 3600.0  # a controller lease that is never renewed ends within this: no VM is immortal
 
 
-def app(agent: HostAgent) -> web.Application:
+def app(agent: HostAgent, envs: EnvStore | None = None) -> web.Application:
+    envs = envs or EnvStore(agent.config.state_dir / "envs")
     routes = web.RouteTableDef()
 
     @routes.get("/v1/info")
@@ -79,6 +81,26 @@ def app(agent: HostAgent) -> web.Application:
         await agent.release(request.match_info["controller"])
         return _json({"released": request.match_info["controller"]})
 
+    @routes.get("/v1/envs")
+    async def env_images(request: web.Request) -> web.Response:
+        return _json(envs.list())
+
+    @routes.get("/v1/envs/{sha256}")
+    async def env_image(request: web.Request) -> web.Response:
+        return _json(envs.get(request.match_info["sha256"], int(_number(request, "size", 0)) or None))
+
+    @routes.put("/v1/envs/{sha256}")
+    async def env_upload(request: web.Request) -> web.Response:
+        size = request.headers.get(SIZE_HEADER, "")
+        if not size.isdigit():
+            raise AgentError(f"an env image upload needs the image's whole size in the {SIZE_HEADER} header")
+        return _json(await envs.receive(request.match_info["sha256"], int(_number(request, "offset", 0)), int(size),
+                                        request.content.iter_chunked(1 << 20), request.content_length))
+
+    @routes.delete("/v1/envs/{sha256}")
+    async def env_delete(request: web.Request) -> web.Response:
+        return _json(envs.delete(request.match_info["sha256"], _envs_in_use(agent)))
+
     application = web.Application(middlewares=[_errors])
     application.add_routes(routes)
     return application
@@ -98,6 +120,11 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+
+
+def _envs_in_use(agent: HostAgent) -> set[str]:
+    """The env images the VMs here use: each VM's create request names its own as `env_image` (its sha256)."""
+    return {lease.request["env_image"] for lease in agent.ledger.vms.values() if lease.request.get("env_image")}
 
 
 def _vm_id(request: web.Request) -> str:
@@ -121,10 +148,13 @@ def _number(request: web.Request, name: str, default: float) -> float:
 async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
                 ready: asyncio.Event | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
+    margin = os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN
+    parse_margin(margin)  # a bad setting stops the agent before it starts
     _claim(socket_path)
     agent = HostAgent(config)
     await agent.start()
-    runner = web.AppRunner(app(agent), handle_signals=False, access_log=None)
+    runner = web.AppRunner(app(agent, EnvStore(config.state_dir / "envs", margin)), handle_signals=False,
+                           access_log=None)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(socket_path))
