@@ -38,6 +38,8 @@ import threading
 import time
 
 VENV = "/opt/hearth/venv"
+ENV_MOUNT = "/opt/hearth/env"  # the controller's environment image (provisioner/envimage.py), when attached
+EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")  # at byte 1024 of an erofs filesystem
 PORT_NAME = "hearth.channel"
 GUEST_PORT = 1024
 RB_POWER_OFF = 0x4321FEDC
@@ -125,8 +127,11 @@ class Vm:
 
     @staticmethod
     def set_hostname(name: str) -> None:
+        """The node's name, resolvable locally (there is no DNS server in the guest)."""
         with contextlib.suppress(OSError):
             socket.sethostname(name)
+            with open("/etc/hosts", "a") as hosts:
+                hosts.write(f"127.0.1.1\t{name}\n")
 
     @staticmethod
     def gpus() -> list[str]:
@@ -173,6 +178,29 @@ class Vm:
             if done.returncode != 0:
                 raise RuntimeError(f"network: `{' '.join(argv)}` failed: {done.stderr.strip()}")
         return network["address"].split("/")[0]
+
+    @staticmethod
+    def mount_env(env_image: dict) -> str:
+        """Mount the environment image's disk (the one erofs disk besides the root) read-only, check it is the
+        image the host meant, and return its Python, which Ray then runs on (and starts its workers with)."""
+        for name in sorted(os.listdir("/sys/block")):
+            if not name.startswith("vd") or name == "vda":
+                continue
+            with open(f"/dev/{name}", "rb") as disk:
+                disk.seek(1024)
+                if disk.read(4) != EROFS_MAGIC:
+                    continue
+            os.makedirs(ENV_MOUNT, exist_ok=True)
+            done = subprocess.run(["mount", "-t", "erofs", "-o", "ro", f"/dev/{name}", ENV_MOUNT], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"cannot mount the environment image /dev/{name}: {done.stderr.strip()}")
+            with open(f"{ENV_MOUNT}/hearth-env.json") as f:
+                key = json.load(f)["key"]
+            if key != env_image["key"]:
+                raise RuntimeError(f"/dev/{name} holds environment {key[:12]}, not {env_image['key'][:12]}")
+            return f"{ENV_MOUNT}/bin/python3"
+        raise RuntimeError("no disk holds the environment image the host attached (no erofs disk besides /dev/vda)")
 
     @staticmethod
     def vm_gone() -> bool:
@@ -245,6 +273,9 @@ class Hosted:
     @staticmethod
     def configure_network(network: dict) -> None:
         return None  # the host's network is not the node's: Ray finds the head from here as it is
+
+    def mount_env(self, env_image: dict) -> str:
+        return self.python  # it mounts nothing: the host's own environment is the one the stand-in runs on
 
     reap = staticmethod(Vm.reap)
 
@@ -436,21 +467,24 @@ class Node:
                 time.sleep(0.5)
 
 
-def start_ray(machine: Vm | Hosted, ray: dict, env: dict, address: str | None) -> None:
+def start_ray(machine: Vm | Hosted, python: str, ray: dict, env: dict, address: str | None, exact: bool) -> None:
+    """`exact`: `python` is the controller's own interpreter (the environment image carries it)."""
     labels = ",".join(f"{k}={v}" for k, v in ray.get("labels", {}).items())
-    argv = [*ray_start(machine.python, machine.ports), f"--address={ray['address']}",
+    argv = [*ray_start(python, machine.ports), f"--address={ray['address']}",
             f"--num-cpus={ray.get('num_cpus', 1)}", f"--num-gpus={ray.get('num_gpus', 0)}", f"--labels={labels}",
             "--disable-usage-stats", f"--temp-dir={machine.ray_dir}"]
     argv.append(f"--node-ip-address={address or _toward(ray['address'])}")
-    environment = {"PATH": f"{os.path.dirname(machine.python)}:/usr/sbin:/usr/bin:/sbin:/bin",
+    environment = {"PATH": f"{os.path.dirname(python)}:/usr/sbin:/usr/bin:/sbin:/bin",
                    "HOME": os.environ.get("HOME", "/root"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray["token"],
                    **env,
                    # How long the raylet waits for its runtime-env agent (30 s by default), which an emulated
                    # guest (TCG) may need longer to start.
-                   "RAY_agent_register_timeout_ms": str(RAYLET_WAIT_S * 1000),
-                   # The image's Python may differ from the controller's in the patch release (Debian's 3.11.x):
-                   # Ray compares only major.minor then (see the README, "The guest image").
-                   "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL": "minor"}
+                   "RAY_agent_register_timeout_ms": str(RAYLET_WAIT_S * 1000)}
+    if not exact:
+        # The image's Python may differ from the controller's in the patch release (Debian's 3.11.x): Ray then
+        # compares only major.minor (and warns on each worker: the environment image avoids that by carrying
+        # the controller's own interpreter; see the README).
+        environment["RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL"] = "minor"
     say(f"ray start: joining {ray['address']} as {ray.get('labels', {}).get('hearth.io/node', '?')}, "
         f"{ray.get('num_cpus', 1)} CPUs, {ray.get('num_gpus', 0)} GPUs")
     started = time.monotonic()
@@ -484,9 +518,16 @@ def main() -> None:
     configured = machine.uptime()
     say("config: " + (f"address {config['network']['address']}" if config.get("network") else "no network to set"))
     threading.Thread(target=node.serve, args=(float(config.get("reconnect_s", 30)),), daemon=True).start()
+    env_image, python, env_s = config.get("env_image"), machine.python, 0.0
     try:
         address = machine.configure_network(config.get("network") or {})
-        start_ray(machine, config["ray"], config.get("env") or {}, address)
+        if env_image:
+            mounting = time.monotonic()
+            python = machine.mount_env(env_image)
+            env_s = time.monotonic() - mounting
+            say(f"environment {env_image['key'][:12]} mounted in {env_s:.2f} s: Ray runs on {python}")
+        start_ray(machine, python, config["ray"], config.get("env") or {}, address,
+                  exact=bool(env_image) and env_image.get("interpreter") == "shipped")
     except Exception as error:  # noqa: BLE001 - whatever it is, the host hears why before the VM goes
         say(f"failed: {error}")
         with contextlib.suppress(OSError):
@@ -494,7 +535,8 @@ def main() -> None:
         time.sleep(0.5)  # let the host read it before the VM (and the channel) goes
         machine.power_off(str(error))
     node.reaping.set()
-    node.ready = {"op": "ready", "phases": {"config_s": configured, "ray_s": machine.uptime()}}
+    node.ready = {"op": "ready", "phases": {"config_s": configured, "ray_s": machine.uptime(),
+                                            **({"env_s": round(env_s, 3)} if env_image else {})}}
     with contextlib.suppress(OSError):
         channel.send(node.ready)
     threading.Event().wait()  # the channel's thread runs the node from here

@@ -37,7 +37,8 @@ SUITE = "bookworm"
 PYTHON = (3, 11)  # bookworm's python3
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64"]  # bookworm has glibc 2.36
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport", "overlay"]
+EARLY_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport", "overlay",
+                 "erofs"]  # erofs: the controller's environment image (provisioner/envimage.py)
 HERE = Path(__file__).parent
 INIT = """#!/bin/busybox sh
 # hearth initramfs: load the early modules, mount the image read-only under an overlay whose writable layer is

@@ -252,6 +252,7 @@ def agent(
     group: Annotated[str, typer.Option(help="Group that may use the socket (admins, controllers' SSH user).")] = "hearth",
 ) -> None:
     """The host agent: serves this host's GPUs and VMs to controllers, on a Unix socket only (systemd runs it)."""
+    from provisioner.agent.envstore import DEFAULT_MARGIN
     from provisioner.agent.host import AgentConfig
     from provisioner.agent.server import serve
     from provisioner.errors import validated
@@ -265,7 +266,8 @@ def agent(
             _fail(f"HEARTH_STANDIN is not JSON ({error}): give it an object, e.g. '{{\"guest\": \"agent\"}}'", 2)
     config = _run(lambda: validated(AgentConfig, {
         "host_root": root, "state_dir": state_dir, "run_dir": run_dir, "cloud_hypervisor": cloud_hypervisor,
-        "bridge": bridge, "subnet": subnet, "standin": standin}, "agent options"))
+        "bridge": bridge, "subnet": subnet, "standin": standin,
+        "env_margin": os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN}, "agent options"))
     _run(lambda: asyncio.run(serve(config, socket, group)))
 
 

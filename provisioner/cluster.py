@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import loop
+from provisioner.codesync import CodeTree
 from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeEvent
 from provisioner.files import write_atomic
@@ -61,12 +62,16 @@ class Cluster:
                  hosts: str | Path | None = None, image: str | Path | None = None, cpus: int = 1,
                  memory_gib: int = 4, boot_timeout: float = 300.0, min_nodes: int | None = None,
                  labels: dict[str, str] | None = None, env: dict[str, str] | None = None, name: str = "",
-                 connect: bool = True, show: bool = True) -> None:
+                 sync_code: bool = True, pack_env: bool = True, connect: bool = True, show: bool = True) -> None:
         """Validate (errors before anything starts), then start booting and show progress."""
         spec = cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, gpu_type=gpu_type,
                             backend=default_backend(backend, hosts),
                             image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
-                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or _unused_name())
+                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or _unused_name(),
+                            pack_env=pack_env)
+        self._code = CodeTree() if sync_code else None  # the notebook's code and data on every node
+        if self._code is not None:
+            self._code.snapshot()  # too big a directory is refused now, before anything starts
         inventory = load_inventory(Path(hosts)) if hosts else None
         self.name = spec.name
         self._connect = connect
@@ -105,7 +110,7 @@ class Cluster:
                 self._line.__exit__(None, None, None)
                 self._line = None
         if self._connect:
-            self._run.head.connect()
+            self._run.head.connect(self._code)
         return self
 
     def scale(self, nodes: int) -> Cluster:

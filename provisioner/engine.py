@@ -23,7 +23,7 @@ import httpx
 from provisioner.backends import Backend, NodeProcess, checked
 from provisioner.errors import BootError, HearthError, PlacementError, RayError
 from provisioner.events import TERMINAL, NodeHistory, NodeState, OnEvent
-from provisioner.node import GpuRequest, NodeSpec, RayJoin
+from provisioner.node import EnvImage, GpuRequest, NodeSpec, RayJoin
 from provisioner.placement import GpuSlot, NodePlacement, place
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec
@@ -70,6 +70,7 @@ class Engine:
         self._seen: dict[tuple[str, str], asyncio.Future] = {}
         self._poller: asyncio.Task | None = None
         self._next_index = 0
+        self.env_image: EnvImage | None = None  # set once it is on the hosts (run.py): every VM node runs from it
 
     def offer(self, free_gpus: list[GpuSlot]) -> None:
         """The GPUs the hosts have free now (the backend asked them), for placement."""
@@ -206,6 +207,7 @@ class Engine:
                       labels=labels, num_cpus=spec.cpus, num_gpus=spec.gpus_per_node)
         return NodeSpec(id=placement.node_id, uid=secrets.token_hex(8), host=placement.host, cpus=spec.cpus,
                         memory_mib=spec.memory_gib * 1024, image=spec.image, ray=ray, env=spec.env,
+                        env_image=self.env_image,
                         gpus=[GpuRequest(address=g.address, clique=g.clique) for g in placement.gpus])
 
     def _replace(self, failed: NodePlacement) -> NodePlacement:

@@ -100,7 +100,7 @@ class GuestLink:
 
         hello   booting -> guest_up; the phases inside the boot: VMM start to the kernel ("firmware"),
                 the kernel and initramfs ("kernel"), the guest agent to its hello ("agent")
-        ready   guest_up -> ray_joined; `ray start`'s time ("ray start")
+        ready   guest_up -> ray_joined; mounting the environment image ("env mount") and `ray start`'s time
         failed  -> failed, with the guest's own words
 
     Phases come from the guest's uptime, anchored by when its hello arrived, against `spawned_at` (when the
@@ -123,7 +123,9 @@ class GuestLink:
             self.tracker.transition(NodeState.guest_up, message.get("detail"))
         elif op == "ready" and state == NodeState.guest_up:
             with contextlib.suppress(KeyError, TypeError):
-                self.profile["ray start"] = round(phases["ray_s"] - phases["config_s"], 3)
+                if "env_s" in phases:  # mounting the environment image, just before `ray start`
+                    self.profile["env mount"] = round(phases["env_s"], 3)
+                self.profile["ray start"] = round(phases["ray_s"] - phases["config_s"] - phases.get("env_s", 0), 3)
             self.tracker.transition(NodeState.ray_joined)
         elif op == "failed" and state not in TERMINAL:
             self.tracker.transition(NodeState.failed, f"the guest agent: {message.get('detail') or 'no reason given'}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -51,6 +52,16 @@ class RayJoin(BaseModel):
     num_gpus: int = 0
 
 
+class EnvImage(BaseModel):
+    """The controller's environment, packed (envimage.py): every VM node mounts it read-only and runs Ray from it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the image file's: how hosts keep it, and check it arrived whole
+    key: str = Field(pattern=r"^[0-9a-f]{64}$")  # what is installed (its hearth-env.json): how the guest checks its disk
+    interpreter: Literal["shipped", "guest"]  # whether it carries the controller's own Python
+    size: int = 0
+
+
 class NodeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
@@ -62,6 +73,7 @@ class NodeSpec(BaseModel):
     image: Path | None = None  # the guest image directory on the host (VMs)
     ray: RayJoin
     env: dict[str, str] = {}
+    env_image: EnvImage | None = None  # VMs: the environment to run Ray from (None: the guest image's own)
 
     @field_validator("id")
     @classmethod
@@ -100,11 +112,13 @@ class GuestConfig(BaseModel):
     ray: RayJoin
     env: dict[str, str] = {}
     network: GuestNetwork | None = None
+    env_image: EnvImage | None = None  # a disk with it is attached: mount it and run Ray from it
     reconnect_s: float = 30.0  # how long the guest waits for a host end that went away before it powers off
 
     @classmethod
     def for_node(cls, node: NodeSpec, *, network: GuestNetwork | None, reconnect_s: float) -> GuestConfig:
-        return cls(node=node.id, ray=node.ray, env=node.env, network=network, reconnect_s=reconnect_s)
+        return cls(node=node.id, ray=node.ray, env=node.env, network=network, env_image=node.env_image,
+                   reconnect_s=reconnect_s)
 
     def message(self) -> dict:
         """The wire form: {"op": "config", ...}, the token included (the channel is the VM's own)."""

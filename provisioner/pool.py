@@ -10,6 +10,9 @@ the pool is below `max`, else waits for a slot. Booting retries once on other GP
 a node that cannot boot fails the call with the reason. Nodes idle for `idle_shutdown_after` seconds
 are stopped down to `min`. The function runs as a Ray task pinned to the node by its label; its result
 comes back, and its exception is raised here as its own type (Ray's `as_instanceof_cause`).
+
+Each call runs in the notebook's current code (codesync.py): modules edited next to the notebook are seen by
+the next call, and the function itself is unpickled on its node only once that version is in place.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import loop
+from provisioner.codesync import CodeTree
 from provisioner.run import ClusterRun, default_work_dir
 from provisioner.engine import NODE_LABEL
 from provisioner.errors import BootError, SpecError
@@ -33,14 +37,18 @@ class Pool:
     def __init__(self, min: int = 0, max: int = 64, gpus_per_node: int = 0, *,  # noqa: A002 (FLAME's names)
                  idle_shutdown_after: float = 60.0, boot_timeout: float = 300.0, max_concurrency: int = 1,
                  backend: str | None = None, hosts: str | Path | None = None, image: str | Path | None = None,
-                 gpu_type: str | None = None, cpus: int = 1, memory_gib: int = 4, name: str = "") -> None:
+                 gpu_type: str | None = None, cpus: int = 1, memory_gib: int = 4, name: str = "",
+                 sync_code: bool = True, pack_env: bool = True) -> None:
         if not 0 <= min <= max:
             raise SpecError(f"Pool needs 0 <= min <= max (got min={min}, max={max})")
         if max_concurrency < 1:
             raise SpecError("max_concurrency is at least 1 call per node")
         spec = cluster_spec(nodes=min, gpus_per_node=gpus_per_node, gpu_type=gpu_type, cpus=cpus, memory_gib=memory_gib,
                             backend=default_backend(backend, hosts), image=image,
-                            boot_timeout=boot_timeout, name=name)
+                            boot_timeout=boot_timeout, name=name, pack_env=pack_env)
+        self._code = CodeTree() if sync_code else None
+        if self._code is not None:
+            self._code.snapshot()  # too big a directory is refused now, before anything starts
         self.min, self.max, self.max_concurrency = min, max, max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
         self._gpus = gpus_per_node
@@ -61,7 +69,8 @@ class Pool:
         return loop.submit(self._call(fn, args, kwargs))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-        futures = [self.submit(fn, item) for item in items]
+        version = loop.run(self._version())  # one look at the code for the whole map
+        futures = [loop.submit(self._call(fn, (item,), {}, version)) for item in items]
         return [f.result() for f in futures]
 
     @property
@@ -88,20 +97,27 @@ class Pool:
     async def _start(self) -> None:
         self._changed = asyncio.Condition()
         await self._run.up()
-        await asyncio.to_thread(self._run.head.connect)
+        await asyncio.to_thread(self._run.head.connect, self._code)
         for node in self._run.engine.nodes:
             self._busy[node], self._idle_since[node] = 0, time.monotonic()
         self._reaper = asyncio.create_task(self._reap())
 
-    async def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        import ray
+    async def _version(self) -> str | None:
+        """The code version calls run in now: published to the cluster if it changed (codesync.py)."""
+        await asyncio.wrap_future(self._started)
+        if self._code is None:
+            return None
+        return await asyncio.to_thread(self._code.publish, self._run.head.address)
+
+    async def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, version: str | None = None) -> Any:
+        import ray.cloudpickle
         from ray.exceptions import RayTaskError
 
-        await asyncio.wrap_future(self._started)
+        version = version or await self._version()
         node = await self._checkout()
         try:
-            task = ray.remote(fn).options(label_selector={NODE_LABEL: node}, num_cpus=1, num_gpus=self._gpus)
-            return await asyncio.wrap_future(task.remote(*args, **kwargs).future())
+            task = _call_remote().options(label_selector={NODE_LABEL: node}, num_cpus=1, num_gpus=self._gpus)
+            return await asyncio.wrap_future(task.remote(version, ray.cloudpickle.dumps(fn), *args, **kwargs).future())
         except RayTaskError as error:
             raise error.as_instanceof_cause() from None
         finally:
@@ -156,3 +172,18 @@ class Pool:
         if not self._started.done():
             self._started.cancel()
         await self._run.down()
+
+
+_remote = None
+
+
+def _call_remote():
+    """codesync.call as a Ray remote function, made once per process (Ray exports it once)."""
+    global _remote
+    if _remote is None:
+        import ray
+
+        from provisioner import codesync
+
+        _remote = ray.remote(codesync.call)
+    return _remote

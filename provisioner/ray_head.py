@@ -26,6 +26,7 @@ import httpx
 
 from guest.agent import PORT_FLAGS
 from guest.agent import ray_start as ray_start_command
+from provisioner.codesync import CodeTree
 from provisioner.errors import RayError
 from provisioner.processes import die_with_parent, signal_leader, terminate
 
@@ -98,8 +99,9 @@ class RayHead:
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
 
-    def connect(self) -> None:
-        """Point this process's Ray (a kernel's `ray.get`, `ray.remote`) at this cluster.
+    def connect(self, code: CodeTree | None = None) -> None:
+        """Point this process's Ray (a kernel's `ray.get`, `ray.remote`) at this cluster; with `code`, the
+        notebook's code (codesync.py) is published there first and every worker starts in it.
 
         A process has one Ray connection. One to another cluster (or one the user made) is shut down first,
         before the token changes: a live connection whose token was swapped under it fails with Ray's
@@ -108,12 +110,15 @@ class RayHead:
         import ray
 
         global _connected
-        if ray.is_initialized():
-            if _connected is self:
-                return
+        if ray.is_initialized() and _connected is not self:
             ray.shutdown()
         self.use_in_this_process()
-        ray.init(address=self.address, logging_level="ERROR")
+        if code is not None:
+            code.publish(self.address)
+        if ray.is_initialized():
+            return
+        runtime_env = {"worker_process_setup_hook": "provisioner.codesync.setup_worker"} if code is not None else None
+        ray.init(address=self.address, logging_level="ERROR", runtime_env=runtime_env)
         _connected = self
 
     def disconnect(self) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provisioner import envimage
 from provisioner.backends import Backend
 from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
 from provisioner.backends.local import LocalBackend
@@ -19,6 +20,7 @@ from provisioner.backends.qemu import QemuBackend
 from provisioner.engine import Engine, NodeRecord
 from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeState, OnEvent
+from provisioner.node import EnvImage
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec
 from provisioner.hosts import Host, Inventory
@@ -60,6 +62,7 @@ class ClusterRun:
         self.created_at = time.time()
         self.ended_at: float | None = None
         self.head_phases: dict[str, float] = {}  # when the head reached "starting", "up", "failed", "stopped"
+        self.env: dict[str, Any] | None = None  # the environment image the VMs run from, and where it went
         self._scaling = asyncio.Lock()
         self._adaptive: asyncio.Task | None = None
 
@@ -69,10 +72,8 @@ class ClusterRun:
         try:
             self.engine.offer(await self.backend.open())
             self.engine.plan()  # short capacity fails here, before the head or any node starts
-            if self.head is not None:
-                self.head_phases["starting"] = time.time()
-                await self.head.start()
-                self.head_phases["up"] = time.time()
+            # The head starts while the environment image is packed (or found packed) and carried to the hosts.
+            await first_error(self._start_head(), self._carry_env())
             ready = await self.engine.up()
         except BaseException as error:
             cancelled = isinstance(error, asyncio.CancelledError)
@@ -83,6 +84,28 @@ class ClusterRun:
             raise
         self.status = "ready"
         return ready
+
+    async def _start_head(self) -> None:
+        if self.head is not None:
+            self.head_phases["starting"] = time.time()
+            await self.head.start()
+            self.head_phases["up"] = time.time()
+
+    async def _carry_env(self) -> None:
+        """VM nodes run the notebook's work in the controller's own environment: pack it (a cache hit when
+        nothing was installed since), refusing before any VM starts when the nodes could not run it, and put it
+        on every host. Local nodes share this machine's environment as it is."""
+        if self.spec.backend == "local" or not self.spec.pack_env:
+            return
+        guest = self.spec.image if self.spec.image and (self.spec.image / "manifest.json").is_file() else None
+        packed = await asyncio.to_thread(envimage.pack, image=guest)
+        image = packed.image
+        self.env = {"key": image.key, "sha256": image.sha256, "size": image.size,
+                    "interpreter": image.meta["interpreter"], "cached": packed.cached,
+                    "pack_s": round(packed.seconds, 2), "hosts": {}}
+        self.env["hosts"] = await self.backend.carry(image)
+        self.engine.env_image = EnvImage(sha256=image.sha256, key=image.key, interpreter=image.meta["interpreter"],
+                                         size=image.size)
 
     async def scale(self, nodes: int) -> None:
         """Grow or shrink to `nodes` nodes (the newest go first). Calls are serialised, so the last wins."""
@@ -155,7 +178,7 @@ class ClusterRun:
             "name": self.spec.name, "backend": self.spec.backend, "status": self.status, "error": self.error,
             "pid": os.getpid(), "nodes_asked": self.spec.nodes, "min_nodes": self.spec.required_nodes,
             "created_at": self.created_at, "started_at": engine.started_at, "ready_at": engine.ready_at,
-            "ended_at": self.ended_at, "head": dict(self.head_phases) if self.head else None,
+            "ended_at": self.ended_at, "head": dict(self.head_phases) if self.head else None, "env": self.env,
             "ray": {"address": self.head.address, "dashboard": self.head.dashboard_url} if self.head else None,
             "nodes": [_node_summary(r) for r in engine.nodes.values()],
         }
@@ -177,3 +200,14 @@ def _node_summary(record: NodeRecord) -> dict[str, Any]:
 def default_work_dir(name: str) -> Path:
     """Short, because Unix socket paths under it must fit in 107 bytes."""
     return Path(os.environ.get("HEARTH_RUN_DIR", "/tmp/hearth")) / name
+
+
+async def first_error(*steps) -> None:
+    """Run `steps` at once; the first to fail cancels the others and is raised as it is (not as a group)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -32,6 +32,9 @@ class ClusterSpec(BaseModel):
     env: dict[str, str] = {}
     backend: Backend = "local"
     name: str = ""
+    # VM backends: pack the controller's Python environment and run every node's Ray from it (envimage.py);
+    # False: the guest image's own (Ray alone, nothing else the notebook imports)
+    pack_env: bool = True
 
     @field_validator("nodes")
     @classmethod

@@ -80,6 +80,11 @@ class EnvStore:
         free, margin = self._disk()
         return {"images": list(found.values()), "free_bytes": free, "margin_bytes": margin}
 
+    def path(self, sha: str) -> Path:
+        """Where a complete image is (whether or not it is there yet)."""
+        _check(sha)
+        return self.dir / f"{sha}.img"
+
     def get(self, sha: str, size: int | None = None) -> dict[str, Any]:
         """One image: complete, or how many bytes have arrived. With `size` (the image's), also whether the
         disk can take the rest: 507 when it cannot."""

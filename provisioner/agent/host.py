@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from provisioner.agent.envstore import DEFAULT_MARGIN, EnvStore, parse_margin
 from provisioner.agent.ledger import Ledger, VmLease
 from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vm import ChVm, vmm_pid_matches
@@ -60,12 +61,19 @@ class AgentConfig(BaseModel):
     # Settings for cloud-hypervisor-standin (`HEARTH_STANDIN` in the agent's environment): applied to every VM
     # that does not bring its own; only with the stand-in as the VMM.
     standin: dict[str, Any] | None = None
+    env_margin: str = DEFAULT_MARGIN  # free disk an env image upload must leave (HEARTH_AGENT_ENV_MARGIN)
 
     @field_validator("subnet")
     @classmethod
     def _subnet(cls, value: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network | None:
         if value is not None and value.num_addresses < 4:
             raise ValueError("a host subnet needs room for a gateway and guests: /30 or bigger")
+        return value
+
+    @field_validator("env_margin")
+    @classmethod
+    def _margin(cls, value: str) -> str:
+        parse_margin(value)  # a bad setting stops the agent before it starts
         return value
 
     @model_validator(mode="after")
@@ -92,6 +100,7 @@ class HostAgent:
         self.config = config
         self.host = HostRoot(config.host_root)
         self.ledger = Ledger(config.state_dir)
+        self.envs = EnvStore(config.state_dir / "envs", config.env_margin)
         self.vms: dict[str, ChVm] = {}
         self.ended: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
@@ -170,6 +179,7 @@ class HostAgent:
         if request.standin is not None and not _is_standin(self.config.cloud_hypervisor):
             raise AgentError("standin settings are for cloud-hypervisor-standin; this agent runs a real VMM")
         gpus = self._check_gpus(request.node.gpus)
+        self._env_disk(request.node)
         async with self._lock:
             self.ledger.renew(request.controller, request.lease_s)
             cid = self.ledger.next_cid()
@@ -198,6 +208,20 @@ class HostAgent:
         if vm_id in self.ended:
             return self.ended[vm_id]
         raise VmNotFound(f"no VM {vm_id} on this host")
+
+    def envs_in_use(self) -> set[str]:
+        """The env images the VMs here use (each names its own in its request)."""
+        return {env["sha256"] for lease in self.ledger.vms.values()
+                if (env := lease.request.get("node", {}).get("env_image"))}
+
+    def _env_disk(self, node: NodeSpec) -> Path | None:
+        """The env image a node runs from, as this host keeps it; refused when it has not arrived whole."""
+        if node.env_image is None:
+            return None
+        if not self.envs.get(node.env_image.sha256)["complete"]:
+            raise AgentError(f"env image {node.env_image.sha256[:12]} is not on this host: the controller sends it "
+                             "before it creates VMs (PUT /v1/envs/{sha256}), and this one did not")
+        return self.envs.path(node.env_image.sha256)
 
     def logs(self, vm_id: str) -> dict[str, str]:
         """A VM's serial console (kernel, initramfs, guest agent) and its VMM's log, each size-bounded."""
@@ -270,6 +294,7 @@ class HostAgent:
                        initramfs=image / "initrd.img" if (image / "initrd.img").is_file() else None,
                        image=image / "rootfs.img", cpus=node.cpus, memory_mib=node.memory_mib,
                        vsock_cid=lease.cid, tap=lease.tap, mac=lease.mac, sysfs_root=self.config.host_root,
+                       env_disk=self._env_disk(node),
                        gpus=self._check_gpus(node.gpus) if gpus is None else gpus)
         network = None
         if lease.address:

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioner.agent.envstore import DEFAULT_MARGIN, SIZE_HEADER, EnvStore, parse_margin
+from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
 from provisioner.node import NODE_ID
@@ -34,8 +34,8 @@ MAX_GRACE_S = 120.0  # a stop's polite part; after it, SIGTERM and SIGKILL
 MAX_TTL_S = 3600.0  # a controller lease that is never renewed ends within this: no VM is immortal
 
 
-def app(agent: HostAgent, envs: EnvStore | None = None) -> web.Application:
-    envs = envs or EnvStore(agent.config.state_dir / "envs")
+def app(agent: HostAgent) -> web.Application:
+    envs = agent.envs
     routes = web.RouteTableDef()
 
     @routes.get("/v1/info")
@@ -99,7 +99,7 @@ def app(agent: HostAgent, envs: EnvStore | None = None) -> web.Application:
 
     @routes.delete("/v1/envs/{sha256}")
     async def env_delete(request: web.Request) -> web.Response:
-        return _json(envs.delete(request.match_info["sha256"], _envs_in_use(agent)))
+        return _json(envs.delete(request.match_info["sha256"], agent.envs_in_use()))
 
     application = web.Application(middlewares=[_errors])
     application.add_routes(routes)
@@ -120,11 +120,6 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(body), status=status, content_type="application/json")
-
-
-def _envs_in_use(agent: HostAgent) -> set[str]:
-    """The env images the VMs here use: each VM's create request names its own as `env_image` (its sha256)."""
-    return {lease.request["env_image"] for lease in agent.ledger.vms.values() if lease.request.get("env_image")}
 
 
 def _vm_id(request: web.Request) -> str:
@@ -148,13 +143,10 @@ def _number(request: web.Request, name: str, default: float) -> float:
 async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
                 ready: asyncio.Event | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
-    margin = os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN
-    parse_margin(margin)  # a bad setting stops the agent before it starts
     _claim(socket_path)
     agent = HostAgent(config)
     await agent.start()
-    runner = web.AppRunner(app(agent, EnvStore(config.state_dir / "envs", margin)), handle_signals=False,
-                           access_log=None)
+    runner = web.AppRunner(app(agent), handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(socket_path))

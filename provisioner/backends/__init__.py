@@ -3,6 +3,8 @@
 A backend makes node processes from `NodeSpec`s; a node process boots, joins Ray and stops:
 
     await backend.open() -> free GPUs       reach the hosts (their agents), before anything is placed
+    await backend.carry(image) -> {host: d}  VMs: put the controller's environment image where the VMs can
+                                            attach it (sent to each host that lacks it); what it took per host
     backend.node(spec, history, on_event)   -> NodeProcess (made, not started)
     await process.start(deadline)           returns once the node is booting (its VMM or process runs);
                                             `deadline` (time.monotonic) bounds every wait, here or on a host
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from provisioner.envimage import LocalImage
 from provisioner.events import NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.node import NodeSpec
 from provisioner.placement import GpuSlot
@@ -51,6 +54,8 @@ class Backend(Protocol):
     physical_gpus: bool  # whether nodes take GPUs from the hosts (VMs), or Ray fakes them (local)
 
     async def open(self) -> list[GpuSlot]: ...
+
+    async def carry(self, image: LocalImage) -> dict[str, dict]: ...
 
     async def close(self) -> None: ...
 

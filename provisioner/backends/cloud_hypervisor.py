@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.agent.client import AgentClient, connect
+from provisioner.envimage import LocalImage
 from provisioner.errors import AgentRefused, AgentUnreachable, InvalidTransition, SpecError
 from provisioner.events import ENDING, TERMINAL, NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.hosts import Host
@@ -70,6 +71,12 @@ class CloudHypervisorBackend:
         await asyncio.gather(*(a.renew(self.controller, self.lease_s) for a in self.agents.values()))
         self._renewer = asyncio.create_task(self._renew())
         return [slot for agent, gpus in zip(self.agents.values(), free) for slot in host_slots(self.hosts[agent.host], gpus)]
+
+    async def carry(self, image: LocalImage) -> dict[str, dict]:
+        """Send the env image to every host that lacks it, all at once; what it took on each."""
+        sent = await asyncio.gather(*(a.send_env(image.path, image.sha256) for a in self.agents.values()))
+        return {s.host: {"already_there": s.already_there, "bytes_sent": s.bytes_sent, "seconds": s.seconds}
+                for s in sent}
 
     def stop_renewing(self) -> None:
         """As if this controller died: its agents reap its VMs when the lease runs out."""

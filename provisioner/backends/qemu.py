@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from provisioner.envimage import LocalImage
 from provisioner.errors import SpecError
 from provisioner.events import NodeHistory, NodeState, NodeTracker, OnEvent
 from provisioner.hosts import Host, HostNetwork
@@ -54,6 +55,7 @@ class QemuBackend:
         self.accel = "kvm" if kvm_usable() else "tcg"
         self._addresses = [ip for ip in network.subnet.hosts() if ip != self.gateway.ip]
         self._vms: dict[ipaddress.IPv4Address, QemuVm] = {}  # by guest address; a stopped VM's is free again
+        self._env: LocalImage | None = None
 
     async def open(self) -> list:
         """Clear what a controller that was killed left in this run directory (its QEMUs power off by
@@ -62,6 +64,11 @@ class QemuBackend:
             await _end_stale(stale / "qemu.pid")
             shutil.rmtree(stale, ignore_errors=True)
         return []
+
+    async def carry(self, image: LocalImage) -> dict[str, dict]:
+        """The VMs run on this machine: they attach the controller's cached image as it is."""
+        self._env = image
+        return {"local": {"already_there": True, "bytes_sent": 0, "seconds": 0.0}}
 
     async def close(self) -> None:
         """After the last node stopped: their logs go too."""
@@ -76,8 +83,14 @@ class QemuBackend:
         network = GuestNetwork(address=f"{ip}/{self.gateway.network.prefixlen}", gateway=str(self.gateway.ip),
                                mac=guest_mac(ip))
         guest = GuestConfig.for_node(spec, network=network, reconnect_s=RECONNECT_S)
+        env_disk = None
+        if spec.env_image is not None:
+            if self._env is None or self._env.sha256 != spec.env_image.sha256:
+                raise SpecError(f"env image {spec.env_image.sha256[:12]} was not carried to this backend first")
+            env_disk = self._env.path
         self._vms[ip] = QemuVm(spec, self.run_dir, guest, NodeTracker(history, on_event), accel=self.accel,
-                               network={"tap": tap_name(ip), "mac": network.mac, "bridge": self.bridge})
+                               network={"tap": tap_name(ip), "mac": network.mac, "bridge": self.bridge},
+                               env_disk=env_disk)
         return self._vms[ip]
 
 

@@ -4,7 +4,8 @@ Choices made here, and why:
 - Direct kernel boot (kernel + initramfs + cmdline) or firmware, never both: CH rejects both.
 - Hugepages whenever the host has them: VFIO maps all guest RAM at `vm.boot`, and 1 GiB pages cut the
   number of IOMMU mappings (CH docs/memory.md; PR #754 halved its VFIO test).
-- The guest image read-only, plus a writable per-node disk, so many VMs share one image safely.
+- The guest image and the controller's environment image read-only (many VMs share one of each), plus a
+  writable per-node disk.
 - Each GPU's IOMMU group (every function) goes on a PCI segment of its own: segment 0 keeps the virtio
   devices, and spreading GPUs spreads the 32-bit MMIO aperture that big-BAR GPUs exhaust (CH docs/vfio.md).
 - GPUs of one NVLink clique get `x_nv_gpudirect_clique`, which turns on GPUDirect P2P between them.
@@ -56,6 +57,7 @@ class VmSpec(BaseModel):
     hugepages: bool = False
     hugepage_size_mib: int | None = None
     image: Path
+    env_disk: Path | None = None  # the controller's environment (an erofs image), read-only like the image
     scratch_disk: Path | None = None
     tap: str | None = None
     mac: str | None = None
@@ -117,7 +119,7 @@ class VmSpec(BaseModel):
             raise ValueError("initramfs goes with kernel, not firmware")
         if len(self.gpus) + 1 > MAX_PCI_SEGMENTS:
             raise ValueError(f"at most {MAX_PCI_SEGMENTS - 1} GPUs per VM (one PCI segment each)")
-        for name in ("kernel", "initramfs", "firmware", "image"):
+        for name in ("kernel", "initramfs", "firmware", "image", "env_disk"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: {path} is not a file; build the guest image first (hearth guest build)")
@@ -146,6 +148,8 @@ def vm_config(spec: VmSpec, *, vsock_socket: Path, serial_log: Path) -> dict[str
     if spec.hugepages and spec.hugepage_size_mib:
         memory["hugepage_size"] = spec.hugepage_size_mib << 20
     disks = [{"path": str(spec.image), "readonly": True, "id": "image"}]
+    if spec.env_disk:
+        disks.append({"path": str(spec.env_disk), "readonly": True, "id": "env"})
     if spec.scratch_disk:
         disks.append({"path": str(spec.scratch_disk), "readonly": False, "id": "scratch"})
     config: dict[str, Any] = {

@@ -2,7 +2,7 @@
 
 KVM where it works, else TCG (software emulation); direct kernel boot; the image's root filesystem on a
 read-only disk shared by every node, as under Cloud Hypervisor (the guest's initramfs puts the node's
-writable layer over it, in the guest's memory); a tap on the host's bridge (QEMU makes it, so it goes when
+writable layer over it, in the guest's memory), and the controller's environment image on a second one; a tap on the host's bridge (QEMU makes it, so it goes when
 QEMU goes); the guest channel on a virtio-serial port named hearth.channel (QEMU connects to our Unix
 socket, as CH's vsock does); QMP for control. No GPUs: those need VFIO under cloud-hypervisor.
 
@@ -38,9 +38,9 @@ class QemuVm(VmDriver):
     vmm = "qemu"
 
     def __init__(self, node: NodeSpec, run_dir: Path, guest: GuestConfig, tracker: NodeTracker, *, accel: str,
-                 network: dict[str, str]) -> None:
+                 network: dict[str, str], env_disk: Path | None = None) -> None:
         super().__init__(node.id, run_dir / node.id, tracker)
-        self.node, self.guest, self.accel, self.network = node, guest, accel, network
+        self.node, self.guest, self.accel, self.network, self.env_disk = node, guest, accel, network, env_disk
         self.qmp_socket = self.dir / "qmp.sock"
 
     def _check(self) -> None:
@@ -59,6 +59,7 @@ class QemuVm(VmDriver):
                 "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
                 "-append", "console=ttyS0 panic=-1 quiet",
                 "-drive", f"file={image / 'rootfs.img'},if=virtio,format=raw,readonly=on",
+                *(("-drive", f"file={self.env_disk},if=virtio,format=raw,readonly=on") if self.env_disk else ()),
                 "-device", "virtio-serial-pci",
                 "-chardev", f"socket,id=channel,path={self.channel.path},reconnect=1",
                 "-device", "virtserialport,chardev=channel,name=hearth.channel",
