@@ -156,6 +156,11 @@ def status(name: NameOption = DEFAULT_NAME, json_output: Annotated[bool, typer.O
         return
     console.print(f"cluster {state['name']} ({state['backend']}): {state['status']}"
                   + (f", Ray {state['ray']['address']}, dashboard {state['ray']['dashboard']}" if state.get("ray") else ""))
+    if state.get("env"):
+        from provisioner.view import env_text
+
+        env = state["env"]
+        console.print(f"environment image {env['sha256'][:12]}, {env['size'] / (1 << 20):.0f} MiB: {env_text(env)}")
     table = Table()
     for column in ("node", "host", "state", "detail", "Ray node", "boot s"):
         table.add_column(column)
@@ -197,6 +202,26 @@ def demo(nodes: Annotated[int, typer.Option(help="How many local nodes.")] = 2) 
         asyncio.run(main())
     except HearthError as error:
         _fail(str(error), 1)
+
+
+@app.command()
+def connect(name: NameOption = DEFAULT_NAME) -> None:
+    """Print the shell exports that point Ray's own tools at a cluster: `eval "$(hearth connect --name NAME)"`,
+    then `ray status`, `ray job submit ...`, `ray.init()` in another process. The token stays in its file
+    (mode 0600, yours): only its path is printed, so it reaches no command line and no shell history."""
+    directory = state_root() / name
+    state = read_state(directory)
+    if not alive(state) or state.get("status") != "ready" or not state.get("ray"):
+        _fail(f"cluster {name} is not up; start it with `hearth up --name {name}` or Cluster(name={name!r})", 1)
+    token = directory / "token"
+    if not token.is_file():
+        _fail(f"cluster {name} has no token file at {token}: it is not this user's cluster", 1)
+    ray = state["ray"]
+    for variable, value in (("RAY_ADDRESS", ray["address"]), ("RAY_API_SERVER_ADDRESS", ray["dashboard"]),
+                            ("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", str(token))):
+        typer.echo(f"export {variable}={shlex.quote(value)}")
+    typer.echo(f"# cluster {name}: Ray dashboard {ray['dashboard']} (it asks for the token in $RAY_AUTH_TOKEN_PATH; "
+               "in JupyterLab, hearth's link opens it without)")
 
 
 @job_app.command("submit")

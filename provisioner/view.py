@@ -89,6 +89,7 @@ def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url:
         f'<div><b>hearth cluster {html.escape(summary["name"])}</b> ({html.escape(summary["backend"])}) '
         f'&mdash; <span class="hearth-status">{html.escape(_headline(summary, now))}</span></div>'
         + _head_line(summary, now, base_url, fades=live and not ended)
+        + _env_line(summary)
         + f'<div class="hearth-counts">{count_line}</div>'
         f'<div style="display:grid;grid-template-columns:repeat(auto-fill,16px);gap:2px;max-width:560px;margin:2px 0">'
         f'{cells}</div>'
@@ -108,6 +109,25 @@ _STALE = (
     f'animation:hearth-stale 0s linear {STALE_AFTER}s forwards">'
     f"No word from the kernel for {STALE_AFTER} s: it was restarted, shut down or cannot be reached. "
     "This view is stale; a cluster ends with the kernel that started it.</div>")
+
+
+def _env_line(summary: dict[str, Any]) -> str:
+    """The environment image the VM nodes run from: which, how big, and what carrying it to each host took."""
+    env = summary.get("env")
+    if not env:
+        return ""
+    return (f'<div class="hearth-env">environment {html.escape(env["sha256"][:12])}, {env["size"] / (1 << 20):.0f} MiB, '
+            f'{html.escape(env_text(env))}</div>')
+
+
+def env_text(env: dict[str, Any]) -> str:
+    """One line: packed or found packed, and per host there already or sent in how long (also `hearth status`)."""
+    packed = "packed before" if env["cached"] else f"packed in {env['pack_s']:.1f} s"
+    hosts = "; ".join(f"{host}: " + ("there already" if sent["already_there"]
+                                     else f"sent {sent['bytes_sent'] / (1 << 20):.0f} MiB in {sent['seconds']:.1f} s")
+                      for host, sent in sorted(env["hosts"].items()))
+    python = "the controller's own Python" if env["interpreter"] == "shipped" else "the guest image's Python"
+    return f"{packed}, Ray on {python}" + (f"; {hosts}" if hosts else "")
 
 
 def _headline(summary: dict[str, Any], now: float) -> str:

@@ -270,6 +270,19 @@ def test_cli_up_status_job_down(tmp_path, run_dir):
         assert job.returncode == 0 and "hello from 42" in job.stdout and "SUCCEEDED" in job.stdout
         failing = run("job", "submit", "--name", "cli", "--", "python", "-c", "raise SystemExit(3)")
         assert failing.returncode == 1 and "FAILED" in failing.stdout
+        # Ray's own tools, pointed at the cluster by `hearth connect`, the token never on a command line
+        token = (tmp_path / "state/clusters/cli/token").read_text().strip()
+        exports = run("connect", "--name", "cli")
+        assert exports.returncode == 0 and token not in exports.stdout and "RAY_AUTH_TOKEN_PATH=" in exports.stdout
+        venv = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+        tools = subprocess.run(["bash", "-c", f'eval "$({hearth} connect --name cli)"; ray status && '
+                                "ray job submit -- python -c \"print('ray job ran', 6 * 7)\""],
+                               capture_output=True, text=True, timeout=180, env=venv)
+        assert tools.returncode == 0 and "Active:" in tools.stdout and "ray job ran 42" in tools.stdout, tools
+        address = json.loads(run("status", "--name", "cli", "--json").stdout)["ray"]["address"]
+        refused = subprocess.run(["bash", "-c", f"ray status --address {address}"], capture_output=True, text=True,
+                                 timeout=120, env={k: v for k, v in venv.items() if not k.startswith("RAY_")})
+        assert refused.returncode != 0  # without the token Ray's own tools are turned away
     finally:
         down = run("down", "--name", "cli")
     assert down.returncode == 0 and "cluster cli is down" in down.stdout

@@ -20,14 +20,12 @@ import sys
 import time
 from importlib.metadata import distribution
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from provisioner.agent.client import connect
 from provisioner.agent.envstore import EnvStore, EnvStoreError
-from provisioner.agent.server import _envs_in_use
 from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, prune
 from provisioner.errors import AgentRefused, EnvError
 from provisioner.hosts import Host, Inventory
@@ -519,11 +517,45 @@ def test_an_image_a_vm_uses_is_not_deleted(tmp_path, blob):
     with pytest.raises(EnvStoreError, match="is used by a VM on this host") as refused:
         store.delete(sha, in_use={sha})
     assert refused.value.status == 409 and (tmp_path / "envs" / f"{sha}.img").exists()
-    # the agent's DELETE passes the images its VMs' leases name (the create request's `env_image`)
-    leases = {"n1": SimpleNamespace(request={"env_image": sha}), "n2": SimpleNamespace(request={})}
-    assert _envs_in_use(SimpleNamespace(ledger=SimpleNamespace(vms=leases))) == {sha}
     assert store.delete(sha, in_use=set())["bytes"] == path.stat().st_size
     assert list((tmp_path / "envs").iterdir()) == []
+
+
+def test_a_vm_runs_from_the_env_image_its_host_holds(agents, run_dir, blob, tmp_path):
+    """The agent attaches a node's env image read-only (the stand-in checks the disk is there at vm.boot), refuses
+    a node whose image has not arrived, and keeps an image while a VM uses it."""
+    path, sha = blob
+    host = agents.start("a")
+    image = tmp_path / "image"
+    image.mkdir()
+    for part in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (image / part).write_bytes(b"\0" * 4096)
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(host.agent_socket)), base_url="http://agent", timeout=60)
+    node = {"id": "n-0", "uid": "u1", "host": "a", "image": str(image),
+            "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"},
+            "env_image": {"sha256": sha, "key": "0" * 64, "interpreter": "shipped"}}
+    request = {"controller": "c1", "budget_s": 30, "node": node, "standin": {"guest": "builtin"}}
+    early = http.put("/v1/vms/n-0", json=request)
+    assert early.status_code == 400 and f"env image {sha[:12]} is not on this host" in early.json()["error"]
+
+    async def send():
+        client = await connect(host, run_dir / "fwd")
+        try:
+            await client.send_env(path, sha)
+        finally:
+            await client.aclose()
+
+    asyncio.run(send())
+    assert http.put("/v1/vms/n-0", json=request).status_code == 201
+    vmm = httpx.Client(transport=httpx.HTTPTransport(uds=str(agents.vms("a") / "n-0" / "api.sock")),
+                       base_url="http://localhost/api/v1/")
+    disks = vmm.get("vm.info").json()["config"]["disks"]
+    assert disks[1] == {"path": str(envs_dir(agents, "a") / f"{sha}.img"), "readonly": True, "id": "env"}
+    kept = http.delete(f"/v1/envs/{sha}")
+    assert kept.status_code == 409 and "is used by a VM on this host" in kept.json()["error"]
+    assert http.delete("/v1/vms/n-0").status_code == 200
+    assert http.delete(f"/v1/envs/{sha}").status_code == 200
+    assert list(envs_dir(agents, "a").iterdir()) == []
 
 
 def test_hosts_check_lists_env_images_and_prune_removes_them(agents, sshd, run_dir, blob, tmp_path):

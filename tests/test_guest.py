@@ -221,3 +221,56 @@ def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, bridge, im
     assert not _taps()
     assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     subprocess.run(["rm", "-rf", str(run_dir)])
+
+
+def test_the_notebooks_work_runs_on_vms_in_its_own_environment(request, tmp_path, bridge, image, monkeypatch, capfd):
+    """Two VMs from the notebook API (`Pool`), in a directory holding the notebook's own module and data: a
+    cell-defined function imports a pure-Python and a compiled package installed only in this (the
+    controller's) environment, the module next to the notebook, and reads the data file by its relative path;
+    the module is edited and the next call sees it; Ray runs on the controller's own Python (the environment
+    image carries it), so no worker warns of a patch-version mismatch; each VM is named after its node."""
+    from provisioner import Pool
+
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    (notebook / "mylib.py").write_text("VALUE = 1\n")
+    (notebook / "data.txt").write_text("next to the notebook\n")
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
+    monkeypatch.chdir(notebook)
+    monkeypatch.setenv("HEARTH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("HEARTH_RUN_DIR", "/tmp/hq")
+    name = f"nb{os.getpid() % 10000}"
+
+    def work(_):
+        import socket
+
+        import mylib
+        import tabulate
+        import ujson
+
+        return (socket.gethostname(), mylib.VALUE, ujson.dumps({"a": 1}), tabulate.tabulate([[1, 2]]).split()[-1],
+                open("data.txt").read().strip())
+
+    started = time.monotonic()
+    with Pool(min=2, max=2, backend="qemu", hosts=hosts, image=image, memory_gib=2, boot_timeout=600, name=name) as pool:
+        up_s = time.monotonic() - started
+        env = pool._run.summary()["env"]
+        first = pool.map(work, range(2))
+        first_s = time.monotonic() - started - up_s
+        (notebook / "mylib.py").write_text("VALUE = 2\n")
+        again = time.monotonic()
+        second = pool.map(work, range(2))
+        second_s = time.monotonic() - again
+        profiles = [n["guest_profile"] for n in pool.nodes]
+    assert sorted(first) == [(f"{name}-{i}", 1, '{"a":1}', "2", "next to the notebook") for i in range(2)]
+    assert sorted(second) == [(f"{name}-{i}", 2, '{"a":1}', "2", "next to the notebook") for i in range(2)]
+    assert env["interpreter"] == "shipped" and env["hosts"]["local"]["already_there"]
+    output = capfd.readouterr()
+    assert "patch version mismatch" not in (output.out + output.err).lower()
+    packed = "found packed" if env["cached"] else f"packed in {env['pack_s']} s"
+    mounts = ", ".join(f"{p.get('env mount', 0):.2f} s" for p in profiles)
+    _say(request, f"\nPool of 2 VMs from the notebook API: up {up_s:.1f} s (environment image {env['size'] >> 20} MiB, "
+                  f"{packed}); first map (cold workers) {first_s:.1f} s; after an edit, the next map {second_s:.2f} s; "
+                  f"mounting the environment image inside each VM: {mounts}")
+    assert all("env mount" in p for p in profiles), profiles

@@ -218,7 +218,7 @@ class HostAgent:
         """The env image a node runs from, as this host keeps it; refused when it has not arrived whole."""
         if node.env_image is None:
             return None
-        if not self.envs.get(node.env_image.sha256)["complete"]:
+        if not self.envs.path(node.env_image.sha256).is_file():
             raise AgentError(f"env image {node.env_image.sha256[:12]} is not on this host: the controller sends it "
                              "before it creates VMs (PUT /v1/envs/{sha256}), and this one did not")
         return self.envs.path(node.env_image.sha256)
