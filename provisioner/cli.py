@@ -59,13 +59,15 @@ def up(
     memory_gib: Annotated[int, typer.Option(help="Memory per node, GiB.")] = 4,
     boot_timeout: Annotated[float, typer.Option(help="Seconds a node may take to be ready.")] = 300.0,
     min_nodes: Annotated[Optional[int], typer.Option(help="Ready with this many (default: all).")] = None,
+    pack_env: Annotated[bool, typer.Option(help="VMs run Ray from this controller's packed environment "
+                                           "(--no-pack-env: the guest image's own).")] = True,
     name: NameOption = DEFAULT_NAME,
 ) -> None:
     """Boot a cluster and leave it running until `hearth down`. Returns once it is ready or has failed."""
     spec = _run(lambda: cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, image=image,
                                      backend=default_backend(backend, hosts),
                                      cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
-                                     min_nodes=min_nodes, name=name))
+                                     min_nodes=min_nodes, name=name, pack_env=pack_env))
     directory = state_root() / name
     if alive(read_state(directory)):
         _fail(f"cluster {name} is already up; `hearth down --name {name}` first, or pick another --name", 1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from provisioner.backends import Backend, NodeProcess, checked
-from provisioner.errors import BootError, HearthError, PlacementError, RayError
+from provisioner.errors import BootError, HearthError, NodeEnded, PlacementError, RayError
 from provisioner.events import TERMINAL, NodeHistory, NodeState, OnEvent
 from provisioner.node import EnvImage, GpuRequest, NodeSpec, RayJoin
 from provisioner.placement import GpuSlot, NodePlacement, place
@@ -168,9 +168,9 @@ class Engine:
                 process.tracker.transition(NodeState.ready, f"Ray node {record.ray_node_id}" if record.ray_node_id else None)
                 return
             except (HearthError, asyncio.TimeoutError, OSError) as error:
-                # The node's own account (the guest's words, the VMM's last log lines) when it has one.
-                failed = [e.detail for e in history.events if e.state == NodeState.failed and e.detail]
-                reason = failed[-1] if failed else _reason(error, self.spec.boot_timeout)
+                # A node that failed while we waited: its own account (the guest's words, the VMM's last log lines)
+                reason = (error.reason if isinstance(error, NodeEnded) and error.reason
+                          else _reason(error, self.spec.boot_timeout))
                 record.errors.append(reason)
                 if history.state not in TERMINAL:
                     process.tracker.transition(NodeState.failed, reason)

@@ -16,7 +16,8 @@
     ├── VmmError               a VMM process failed, refused or stopped answering
     │   ├── VmmApiError        the API answered with an error status (endpoint, status, CH's error chain)
     │   ├── VmmTimeout         a call got no answer in time
-    │   └── VmmExited          the process ended (crash, guest poweroff) while we needed it
+    │   ├── VmmExited          the process ended (crash, guest poweroff) while we needed it
+    │   └── NodeEnded          a node failed or stopped before the state it was waited for; `reason` is its own
     ├── AgentError             the host agent refuses a request; `status` is the HTTP status it answers
     │   ├── LeaseConflict      409: a GPU or VM id is taken
     │   └── VmNotFound         404: no such VM (or not that incarnation of it)
@@ -34,7 +35,7 @@ from vfio.errors import BindFailed, BindRefused, HearthError, HostRootError, Spe
 
 __all__ = ["HearthError", "SpecError", "HostRootError", "VfioError", "BindRefused", "BindFailed", "PlacementError",
            "BootError", "RayError", "InvalidTransition", "NetError", "BuildError", "EnvError", "VmmError", "VmmApiError",
-           "VmmTimeout", "VmmExited", "AgentError", "LeaseConflict", "VmNotFound", "AgentRefused",
+           "VmmTimeout", "VmmExited", "NodeEnded", "AgentError", "LeaseConflict", "VmNotFound", "AgentRefused",
            "AgentUnreachable", "validated"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -87,6 +88,12 @@ class VmmTimeout(VmmError):
 
 class VmmExited(VmmError):
     pass
+
+
+class NodeEnded(VmmError):
+    def __init__(self, message: str, reason: str | None) -> None:
+        super().__init__(message)
+        self.reason = reason  # the node's own account (the guest's words, the VMM's last log lines), if it gave one
 
 
 class AgentError(HearthError):

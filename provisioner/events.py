@@ -17,7 +17,7 @@ from enum import Enum
 
 from pydantic import BaseModel
 
-from provisioner.errors import InvalidTransition, VmmError, VmmTimeout
+from provisioner.errors import InvalidTransition, NodeEnded, VmmTimeout
 
 
 class NodeState(str, Enum):
@@ -112,8 +112,8 @@ class NodeTracker:
                 if self.reached(waited):
                     future.set_result(None)
                 elif state in TERMINAL and waited not in ENDING:
-                    future.set_exception(VmmError(f"node {self.history.node} {state.value} before {waited.value}"
-                                                  + (f": {detail}" if detail else "")))
+                    future.set_exception(NodeEnded(f"node {self.history.node} {state.value} before {waited.value}"
+                                                   + (f": {detail}" if detail else ""), detail))
                 else:
                     continue
             self._waiters.remove((waited, future))
@@ -122,11 +122,13 @@ class NodeTracker:
         return any(e.state == state for e in self.history.events)
 
     async def wait_for(self, state: NodeState, timeout: float) -> None:
-        """Until the node reaches `state`; `VmmError` if it fails or stops first, `VmmTimeout` after `timeout`."""
+        """Until the node reaches `state`; `NodeEnded` if it fails or stops first, `VmmTimeout` after `timeout`."""
         if self.reached(state):
             return
         if self.state in TERMINAL and state not in ENDING:
-            raise VmmError(f"node {self.history.node} is {self.state.value}, it will not become {state.value}")
+            last = self.history.events[-1].detail
+            raise NodeEnded(f"node {self.history.node} is {self.state.value}, it will not become {state.value}"
+                            + (f": {last}" if last else ""), last)
         future = asyncio.get_running_loop().create_future()
         self._waiters.append((state, future))
         try:

@@ -44,6 +44,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.name.startswith("test_contract_"))
 
 
+def pytest_runtest_setup(item):
+    """`root(why)`, `requires(command)`: skip without them, except in CI, which runs as root with everything
+    scripts/test installs: there a skip would hide a broken setup, so it fails."""
+    missing = []
+    root = item.get_closest_marker("root")
+    if root is not None and os.geteuid() != 0:
+        missing.append(f"{root.args[0] if root.args else 'it needs root'}: run the tests as root")
+    for required in item.iter_markers("requires"):
+        if shutil.which(required.args[0]) is None:
+            missing.append(f"{required.args[0]} is not installed (scripts/test installs it)")
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail("; ".join(missing) + " (CI=true: this must not be skipped)")
+        pytest.skip("; ".join(missing))
+
+
 @pytest.fixture
 def run_dir():
     """A short directory for per-node sockets (a Unix socket path must fit in 107 bytes)."""

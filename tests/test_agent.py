@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -31,7 +30,7 @@ from test_engine import processes_mentioning
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="agents make taps and bridges: run the tests as root")
+pytestmark = [pytest.mark.slow, pytest.mark.root("agents make taps and bridges")]
 STANDIN_GUEST = {"boot_s": 0.3, "guest": "builtin", "join_s": 0.1}
 
 
@@ -310,7 +309,7 @@ def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_
     assert_nothing_left(agents, "solo")
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.requires("systemd-analyze")
 def test_agent_unit_is_valid_and_keeps_vms_across_restarts(tmp_path):
     unit = (Path(__file__).parents[1] / "provisioner/agent/hearth-agent.service").read_text()
     assert "KillMode=process\n" in unit and "RuntimeDirectoryPreserve=yes\n" in unit

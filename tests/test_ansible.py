@@ -25,7 +25,7 @@ ANSIBLE = Path(__file__).parents[1] / "ansible"
 VENV = Path(sys.executable).parent.parent
 ENV = {**os.environ, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "ANSIBLE_NOCOLOR": "1",
        "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_LOCAL_TEMP": "/tmp/hearth-ansible-tmp", "COLUMNS": "200"}
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real run makes a network namespace: run as root")
+pytestmark = [pytest.mark.slow, pytest.mark.root("the real run makes a network namespace")]
 
 
 def playbook(*args: str, netns: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -25,6 +25,8 @@ from provisioner.run import ClusterRun
 from provisioner.spec import cluster_spec
 from test_engine import processes_mentioning
 
+pytestmark = [pytest.mark.slow, pytest.mark.root("VMs need taps and bridges")]
+
 LIFE = ["requested", "placed", "vmm_started", "booting", "guest_up", "ray_joined", "ready", "stopping", "stopped"]
 GUEST_PHASES = {"firmware", "kernel", "agent", "env mount", "ray start"}
 HOSTED_AGENT = {"guest": "agent", "boot_s": 0.2}  # the stand-in runs the real guest agent

@@ -103,6 +103,7 @@ def test_a_node_activates_a_version_and_forgets_the_old_one(notebook_dir, tmp_pa
         codesync._active.update(hash=None, dir=None, paths=[], shadowed=[])
 
 
+@pytest.mark.slow
 def test_pool_calls_run_in_the_notebooks_current_code(notebook_dir, run_dir, monkeypatch):
     """Local Ray nodes: a module next to the notebook, a package, a data file by relative path, a cell-defined
     function; then the module is edited and the next call sees it. A plain Ray task on the same cluster

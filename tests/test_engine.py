@@ -114,6 +114,7 @@ def _nothing_left(agents, name="a") -> None:
     assert list((agents.state(name) / "vms").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir, agents):
     faults = {f"big-{i}": ["boot-fails"] for i in (3, 17, 40)}  # fail once, then boot on the retry
     faults |= {f"big-{i}": ["slow-boot", "slow-boot"] for i in (9, 50)}  # time out twice: lost
@@ -147,6 +148,7 @@ def test_64_nodes_with_failures_retries_and_timeouts(image, run_dir, agents):
     _nothing_left(agents)
 
 
+@pytest.mark.slow
 def test_below_min_nodes_everything_is_torn_down(image, run_dir, agents):
     faults = {f"few-{i}": ["boot-fails", "boot-fails"] for i in (1, 4, 6)}
     spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="few", boot_timeout=20, min_nodes=6)
@@ -161,6 +163,7 @@ def test_below_min_nodes_everything_is_torn_down(image, run_dir, agents):
     _nothing_left(agents)
 
 
+@pytest.mark.slow
 def test_cancel_half_way_tears_everything_down(image, run_dir, agents):
     spec = cluster_spec(nodes=8, backend="cloud-hypervisor", image=image, name="cancel", boot_timeout=60)
     settings = lambda node_id: {"boot_s": 5.0, "guest": "builtin"}  # noqa: E731
@@ -180,6 +183,7 @@ def test_cancel_half_way_tears_everything_down(image, run_dir, agents):
     _nothing_left(agents)
 
 
+@pytest.mark.slow
 def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path, agents):
     root = tmp_path / "host"
     tree = hgx_h100(root)
@@ -209,6 +213,7 @@ def test_gpu_nodes_get_their_iommu_groups(image, run_dir, tmp_path, agents):
         asyncio.run(ClusterRun(too_many, run_dir / "c", inventory=inventory, with_ray=False).up())
 
 
+@pytest.mark.slow
 def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir):
     import ray
     from provisioner.jobs import follow
@@ -248,6 +253,7 @@ def test_local_cluster_joins_ray_runs_tasks_and_jobs_and_leaves_nothing(run_dir)
     assert processes_mentioning(str(run_dir)) == []
 
 
+@pytest.mark.slow
 def test_cli_up_status_job_down(tmp_path, run_dir):
     env = {**os.environ, "HEARTH_STATE_DIR": str(tmp_path / "state"), "HEARTH_RUN_DIR": str(run_dir),
            "COLUMNS": "200"}

@@ -30,6 +30,8 @@ from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, p
 from provisioner.errors import AgentRefused, EnvError
 from provisioner.hosts import Host, Inventory
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.geteuid() == 0
 GUEST_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")  # Debian's, as in the guest
 FIGURES: list[str] = []
@@ -123,7 +125,7 @@ def test_hearth_env_pack_ls_prune(packed):
         f"{packed.image.key}.img", f"{packed.image.key}.json"]
 
 
-@pytest.mark.skipif(not ROOT, reason="mounting a loop device needs root (CI runs the tests as root)")
+@pytest.mark.root("mounting a loop device needs root")
 def test_the_image_mounts_read_only_and_runs_ray_from_there(packed, tmp_path):
     with mounted(packed.image.path, tmp_path / "env") as mount:
         meta = json.loads((mount / "hearth-env.json").read_text())
@@ -210,7 +212,7 @@ def test_a_changed_environment_gets_a_new_key(small, tmp_path):
     assert environment(small, with_interpreter=False).key != environment(small).key
 
 
-@pytest.mark.skipif(not ROOT, reason="mounting a loop device needs root (CI runs the tests as root)")
+@pytest.mark.root("mounting a loop device needs root")
 def test_without_the_interpreter_the_image_is_a_venv_over_the_guests_python(small, tmp_path):
     """The other layout: no interpreter inside, bin/python3 is the guest's own Python (Debian bookworm's, here
     the same /usr/bin/python3.11 as in the guest image) with the image's site-packages."""

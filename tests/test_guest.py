@@ -23,7 +23,7 @@ from provisioner.errors import HearthError, SpecError
 from provisioner.spec import cluster_spec
 from provisioner.hosts import Host, HostNetwork, Inventory
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="images, taps and bridges need root: run the tests as root")
+pytestmark = [pytest.mark.slow, pytest.mark.root("images, taps and bridges need root")]
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:

@@ -28,6 +28,8 @@ from provisioner.supervisor import read_state
 from provisioner.view import STALE_AFTER
 from test_engine import processes_mentioning
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 SHOTS = ROOT / "test-artifacts" / "jupyterlab"
 NOTEBOOK = "01-quickstart.ipynb"

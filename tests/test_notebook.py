@@ -21,6 +21,8 @@ from provisioner.supervisor import read_state
 from browser import CHROMIUM, FLAGS, need
 from test_engine import processes_mentioning
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -15,6 +15,8 @@ import pytest
 
 from test_engine import processes_mentioning
 
+pytestmark = pytest.mark.slow
+
 HOSTED_AGENT = {"guest": "agent", "boot_s": 0.2}
 
 

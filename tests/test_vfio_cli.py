@@ -127,7 +127,7 @@ def test_unbind_drops_the_boot_record(tmp_path):
     assert HGX_GPUS[0] not in record and HGX_GPUS[1] in record
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.requires("systemd-analyze")
 def test_boot_unit_is_valid_and_runs_the_persisted_bind(tmp_path):
     unit = (Path(__file__).parents[1] / "vfio/hearth-vfio-bind.service").read_text()
     assert "ExecStart=/usr/local/bin/hearth vfio bind --persisted\n" in unit
