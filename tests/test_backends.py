@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,7 @@ class Backend:
     agent_vms: Path | None = None  # cloud-hypervisor: the host agent's per-VM directory
     agent_state: Path | None = None
     cluster: str = ""
+    hosted_disks_before: set = field(default_factory=lambda: set(Path("/tmp").glob("hg-*")))
 
     @property
     def vm(self) -> bool:
@@ -58,7 +59,10 @@ class Backend:
             links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout)
             left += [link["ifname"] for link in links if link["ifname"].startswith("hth0afd")]
         if self.agent_vms is not None:
-            left += processes_mentioning(f"{self.agent_vms}/") + processes_mentioning("/tmp/hg-")  # hosted guests' Ray
+            left += processes_mentioning(f"{self.agent_vms}/")
+            # each hosted guest's own disk (its Ray's temp dir), which the stand-in makes and removes with the VM
+            disks = set(Path("/tmp").glob("hg-*")) - self.hosted_disks_before
+            left += [str(d) for d in disks] + [p for d in disks for p in processes_mentioning(str(d))]
             left += [str(p) for p in self.agent_vms.rglob("*")]
             left += [str(p) for p in (self.agent_state / "vms").iterdir()]
         left += [str(p) for p in cluster.rglob("*") if p.name not in ("head.log",) and not p.is_dir()

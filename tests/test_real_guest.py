@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,6 +37,7 @@ def test_real_guests_join_and_outlive_host_agent_restarts(isolated, agents, tmp_
 
     from provisioner import Cluster
 
+    disks_before = set(Path("/tmp").glob("hg-*"))
     host = agents.start("a", env={"HEARTH_STANDIN": json.dumps(HOSTED_AGENT)})
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(f"hosts:\n  - name: a\n    agent_socket: {host.agent_socket}\n")
@@ -73,6 +75,7 @@ def test_real_guests_join_and_outlive_host_agent_restarts(isolated, agents, tmp_
                 assert vm["state"] == "ray_joined" and vm["heard_s_ago"] < 10, vm
         assert "guest channel: connected to the host end again" in cluster.logs("real-1")
     assert not ray.is_initialized()
-    assert processes_mentioning(f"{agents.vms('a')}/") == [] and processes_mentioning("/tmp/hg-") == []
+    disks = set(Path("/tmp").glob("hg-*")) - disks_before  # each hosted guest's own disk, gone with its VM
+    assert processes_mentioning(f"{agents.vms('a')}/") == [] and not disks
     assert not any(agents.vms("a").rglob("*")) and not list((agents.state("a") / "vms").iterdir())
     assert processes_mentioning(str(run_dir / "real")) == []
