@@ -107,8 +107,7 @@ class VmDriver:
             detail = f"{self.vmm} (pid {self.process.pid}) outlived SIGKILL: it is stuck, and keeps what it holds"
             if self.history.state != NodeState.failed:
                 self.tracker.transition(NodeState.failed, detail)
-            self.exited.set()
-            return
+            return  # nothing it made is removed: its tap, disks and sockets are still in use
         self._clean_up()
         if self.history.state != NodeState.stopped:
             self.tracker.transition(NodeState.stopped)
