@@ -248,6 +248,11 @@ def install(root: Path, work: Path, archive: Archive, inputs: dict, kernel_tree:
     for package in ("firmware-nvidia-gsp", *USER_SPACE):
         _user_space(extracted[package], root, package)
     _run(["chroot", str(root), "ldconfig"], "ldconfig in the image")
+    wanted = _run(["chroot", str(root), "modinfo", "-F", "firmware", f"/lib/modules/{release}/updates/dkms/nvidia.ko"],
+                  "modinfo -F firmware nvidia.ko").stdout.split()
+    absent = [f for f in wanted if not (root / "usr/lib/firmware" / f).is_file()]
+    if absent:
+        raise DriverError(f"nvidia.ko asks for firmware the image lacks: {', '.join(absent)}")
     glibc = _check_user_space(root, nvidia["driver"])
     listing = extracted["nvidia-driver"] / "usr/share/doc/nvidia-driver/supported-gpus.json.gz"
     chips = gzip.decompress(listing.read_bytes())
@@ -327,6 +332,8 @@ def _user_space(tree: Path, root: Path, package: str) -> None:
             target = f"{LIBDIR}/{path.name}"
         elif rel == "usr/lib/nvidia/current/nvidia-smi":
             target = "usr/bin/nvidia-smi"
+        elif rel.startswith("lib/firmware/nvidia/"):  # bookworm's packages predate /usr/lib/firmware
+            target = f"usr/{rel}"
         elif rel.startswith((f"{LIBDIR}/", "usr/lib/firmware/nvidia/")) or rel == f"usr/share/doc/{package}/copyright":
             target = rel
         else:
