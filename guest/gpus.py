@@ -233,13 +233,13 @@ def install(root: Path, work: Path, archive: Archive, inputs: dict, kernel_tree:
         _run(["dpkg-deb", "-x", str(deb), str(extracted[package])], f"dpkg-deb -x {deb.name}")
     say(f"NVIDIA kernel modules: DKMS against linux-headers-{release} in a build chroot ...")
     started = time.monotonic()
-    built, patched, dkms_version = _modules(root, work / "nvidia-build", debs[FLAVOURS[nvidia["modules"]]],
-                                             nvidia["headers"], release)
-    dkms_s = round(time.monotonic() - started, 1)
+    built, facts = _modules(root, work / "nvidia-build", debs[FLAVOURS[nvidia["modules"]]], nvidia["headers"], release)
+    facts["modules_s"] = round(time.monotonic() - started, 1)
     modules_dir = root / "lib/modules" / release
     (modules_dir / "updates/dkms").mkdir(parents=True)
     for ko in built:
         shutil.copy2(ko, modules_dir / "updates/dkms" / ko.name)
+    shutil.rmtree(work / "nvidia-build")  # the compiler, the headers and dkms go with it
     for name in ("modules.builtin", "modules.builtin.modinfo"):
         if (kernel_tree / "lib/modules" / release / name).exists():
             shutil.copy2(kernel_tree / "lib/modules" / release / name, modules_dir / name)
@@ -249,7 +249,7 @@ def install(root: Path, work: Path, archive: Archive, inputs: dict, kernel_tree:
         _user_space(extracted[package], root, package)
     _run(["chroot", str(root), "ldconfig"], "ldconfig in the image")
     wanted = _run(["chroot", str(root), "modinfo", "-F", "firmware", f"/lib/modules/{release}/updates/dkms/nvidia.ko"],
-                  "modinfo -F firmware nvidia.ko").stdout.split()
+                  "modinfo -F firmware nvidia.ko").stdout.split()  # what the module asks the kernel to load
     absent = [f for f in wanted if not (root / "usr/lib/firmware" / f).is_file()]
     if absent:
         raise DriverError(f"nvidia.ko asks for firmware the image lacks: {', '.join(absent)}")
@@ -262,24 +262,27 @@ def install(root: Path, work: Path, archive: Archive, inputs: dict, kernel_tree:
     for package in extracted.values():
         shutil.rmtree(package)
     return {"kernel_release": release, "kernel_modules": [f"/lib/modules/{release}/updates/dkms/{ko.name}" for ko in built],
-            "dkms": dkms_version, "dkms_s": dkms_s, "patched": patched, "glibc": glibc}
+            **facts, "glibc": glibc}
 
 
-def _modules(root: Path, build: Path, dkms_deb: Path, headers_package: str, release: str) -> tuple[list[Path], list[str], str]:
-    """DKMS in a copy of the image's root, with the compiler, dkms and the kernel's headers added."""
+def _modules(root: Path, build: Path, dkms_deb: Path, headers_package: str, release: str) -> tuple[list[Path], dict]:
+    """DKMS in a copy of the image's root, with the compiler, dkms and the kernel's headers added. Returns the
+    modules and what the build found (dkms's version, its compile time, any change made to the source)."""
     build.mkdir()
     for entry in root.iterdir():  # the image's root without its venv: the same Debian, for the compiler and dkms
         if entry.name != "opt":
             _run(["cp", "-a", str(entry), str(build)], "copy the image's root for the build chroot")
-    (build / "etc/resolv.conf").write_bytes(Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b"")
+    resolv = Path("/etc/resolv.conf")  # the chroot's apt reaches the image's mirror as this machine does
+    (build / "etc/resolv.conf").write_bytes(resolv.read_bytes() if resolv.exists() else b"")
     debs = build / "tmp/debs"
     debs.mkdir(parents=True)
     # The headers at exactly the image's kernel version, from this machine's apt (which chose that kernel),
     # with the other packages of the kernel's source they depend on (common headers, kbuild, compiler).
     show = _run(["apt-cache", "show", headers_package], f"apt-cache show {headers_package}").stdout.split("\n\n")[0]
-    version = headers_package.split("=", 1)[1]
+    kernel_version = headers_package.split("=", 1)[1]
     depends = re.search(r"^Depends: (.*)$", show, re.M)
-    wanted = [headers_package] + [f"{d}={version}" for d in re.findall(r"(?:^|, )(linux-[^\s,(|]+)", depends.group(1) if depends else "")]
+    wanted = [headers_package] + [f"{d}={kernel_version}" for d in
+                                  re.findall(r"(?:^|, )(linux-[^\s,(|]+)", depends.group(1) if depends else "")]
     _run(["apt-get", "download", "-q", *wanted], f"apt-get download {' '.join(wanted)}", cwd=debs)
     # Inside the chroot: its own apt (its own state, the image's mirror) brings dkms and the compiler.
     _chroot(build, "apt-get -q update && apt-get install -y -q --no-install-recommends dkms /tmp/debs/*.deb",
@@ -302,7 +305,9 @@ def _modules(root: Path, build: Path, dkms_deb: Path, headers_package: str, rele
                 c.write_text(text.replace(RESIZE_CALL, RESIZE_CALL[:-1] + ", 0)"))
                 patched.append(f"{c.relative_to(source)}: pci_resize_resource(..., exclude_bars=0) for this kernel")
     jobs = os.cpu_count() or 1
+    started = time.monotonic()
     done = _chroot(build, f"dkms install -j {jobs} -m {name} -v {version} -k {release}", "dkms install", check=False)
+    dkms_s = round(time.monotonic() - started, 1)
     if done.returncode != 0:
         log = next(build.glob(f"var/lib/dkms/{name}/{version}/build/make.log"), None)
         errors = [line for line in log.read_text(errors="replace").splitlines() if " error" in line.lower()] if log else []
@@ -314,12 +319,13 @@ def _modules(root: Path, build: Path, dkms_deb: Path, headers_package: str, rele
     if missing:
         raise DriverError(f"dkms install {name}/{version} did not produce {', '.join(missing)}")
     # Every symbol the modules import is exported by this kernel, with the same CRC (modpost only warns).
-    symbols = _run(["chroot", str(build), "depmod", "-n", "-e", "-E", f"/usr/src/linux-headers-{release}/Module.symvers",
-                    release], "depmod -e against the kernel's Module.symvers").stderr
+    symbols = _run(["chroot", str(build), "depmod", "-n", "-e", "-E",
+                    f"/usr/src/linux-headers-{release}/Module.symvers", release],
+                   "depmod -e against the kernel's Module.symvers").stderr
     unresolved = [line for line in symbols.splitlines() if "unknown symbol" in line or "disagrees about version" in line]
     if unresolved:
         raise DriverError(f"the modules built for {release} do not link against it:\n" + "\n".join(unresolved[:8]))
-    return built, patched, f"dkms={dkms_version}"
+    return built, {"dkms": f"dkms={dkms_version}", "dkms_s": dkms_s, "jobs": jobs, "patched": patched}
 
 
 def _user_space(tree: Path, root: Path, package: str) -> None:
@@ -350,14 +356,16 @@ def _user_space(tree: Path, root: Path, package: str) -> None:
 
 def _check_user_space(root: Path, driver: str) -> str:
     """The user-space files load and run with the image's own glibc."""
-    libraries = ["libnvidia-ml.so.1", "libcuda.so.1", "libnvidia-ptxjitcompiler.so.1", f"libnvidia-pkcs11-openssl3.so.{driver}"]
+    libraries = ["libnvidia-ml.so.1", "libcuda.so.1", "libnvidia-ptxjitcompiler.so.1",
+                 f"libnvidia-pkcs11-openssl3.so.{driver}"]
     ldd = _run(["chroot", str(root), "ldd", "/usr/bin/nvidia-smi", *(f"/{LIBDIR}/{lib}" for lib in libraries)],
                "ldd in the image", check=False)
     if ldd.returncode != 0 or "not found" in ldd.stdout + ldd.stderr:
         raise DriverError(f"NVIDIA's user-space files do not resolve in the image:\n{ldd.stdout}{ldd.stderr}")
-    smi = _run(["chroot", str(root), "/usr/bin/nvidia-smi", "-h"], "nvidia-smi -h in the image").stdout
-    if f"v{driver}" not in smi.splitlines()[0]:
-        raise DriverError(f"nvidia-smi in the image is not {driver}: {smi.splitlines()[0]}")
+    smi = (_run(["chroot", str(root), "/usr/bin/nvidia-smi", "-h"], "nvidia-smi -h in the image").stdout.splitlines()
+           or [""])[0]
+    if f"v{driver}" not in smi:
+        raise DriverError(f"nvidia-smi in the image is not {driver}: {smi!r}")
     # Loading (not initialising: NVML's init, as root, would make /dev/nvidia* nodes in the image) checks every
     # symbol version against the image's glibc.
     _run(["chroot", str(root), "python3", "-c", "import ctypes, sys; [ctypes.CDLL(n) for n in sys.argv[1:]]", *libraries],
