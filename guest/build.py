@@ -107,6 +107,8 @@ def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, nvid
             # Only a finished build replaces the files (VMs that run the old ones keep theirs open); manifest last.
             for name in (*files, "manifest.json"):
                 os.replace(work / name, out / name)
+            if "supported-gpus.json" not in files:  # an image that had the driver before
+                (out / "supported-gpus.json").unlink(missing_ok=True)
     say(f"guest image in {out} ({manifest['built_s']} s; rootfs.img {(out / 'rootfs.img').stat().st_size >> 20} MiB)")
     return manifest
 
@@ -140,7 +142,8 @@ def _preflight(nvidia: gpus.Request | None) -> None:
     tools = ("debootstrap", "apt-get", "dpkg-deb", "mkfs.ext4", *(("unshare", "dpkg") if nvidia else ()))
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs")
+        raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs"
+                         + (" util-linux" if nvidia else ""))
 
 
 def _kernel_package() -> str:
