@@ -12,12 +12,16 @@
 A rebuild with the same inputs (suite, kernel and busybox package versions, Ray version, the agent's and
 this recipe's own hash, the NVIDIA driver if any) reuses what is there. Needs root (debootstrap, chroot).
 
-`--nvidia-driver VERSION` would add NVIDIA's driver to the image: it needs NVIDIA's packages (not in Debian
-main, not on PyPI) and a real GPU to check, so this recipe refuses it with what to do instead.
+`--nvidia-driver 535|550 [--nvidia-modules open|proprietary]` adds NVIDIA's driver from Debian's contrib and
+non-free components (guest/gpus.py says how, and how a bookworm image gets trixie's 550): the kernel modules
+built by DKMS for the image's kernel, the GSP firmware, libcuda, libnvidia-ml and nvidia-smi in rootfs.img,
+and NVIDIA's supported-GPU list as supported-gpus.json beside the manifest. Its versions are
+`inputs["nvidia"]`; an image without the driver has exactly the inputs it had before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -31,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from guest import gpus
 from provisioner.errors import BuildError
 
 SUITE = "bookworm"
@@ -61,55 +66,82 @@ exec /bin/busybox switch_root /newroot /opt/hearth/venv/bin/python3 -S /opt/hear
 """
 
 
-def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, say=print) -> dict:
+def build(out: Path, *, ray_version: str, nvidia_driver: str | None = None, nvidia_modules: str | None = None,
+          say=print) -> dict:
     """Build (or reuse) the image in `out`; returns the manifest."""
-    if nvidia_driver:
-        raise BuildError(f"--nvidia-driver {nvidia_driver}: NVIDIA's driver is neither in Debian main nor on PyPI, "
-                         "and cannot be checked without a GPU. Build on a host with NVIDIA's apt repository and add "
-                         f"nvidia-driver={nvidia_driver} to the rootfs (README: The guest image)")
+    nvidia = gpus.request(nvidia_driver, nvidia_modules)
+    _preflight(nvidia)
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(gpus.Archive(nvidia, _mirror())) if nvidia else None
+        inputs, key = _plan(ray_version, archive)
+        manifest_path = out / "manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("key") == key and all(_sha256(out / f) == h for f, h in manifest["files"].items()):
+                say(f"guest image {out} is up to date (key {key}): reused")
+                return manifest
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="hearth-guest-", dir=out) as tmp:
+            work = Path(tmp)
+            say(f"kernel {inputs['kernel']} ...")
+            modules = _kernel(inputs["kernel"], work, work / "vmlinuz")
+            say("initramfs ...")
+            _initramfs(inputs["busybox"], work, modules, work / "initrd.img")
+            say(f"root filesystem: debootstrap {SUITE}, Python, ray=={ray_version} ...")
+            _rootfs(work / "root", ray_version, _constraints())
+            built = {}
+            if archive is not None:
+                built = gpus.install(work / "root", work, archive, inputs, work / "kernel/x", say=say)
+            say("rootfs.img ...")
+            _ext4(work / "root", work / "rootfs.img")
+            names = ("vmlinuz", "initrd.img", "rootfs.img", *(("supported-gpus.json",) if archive else ()))
+            files = {name: _sha256(work / name) for name in names}
+            manifest = {"key": key, "inputs": inputs, "files": files, "built_s": round(time.monotonic() - started, 1)}
+            if built:
+                manifest["nvidia"] = built
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            # Only a finished build replaces the files (VMs that run the old ones keep theirs open); manifest last.
+            for name in (*files, "manifest.json"):
+                os.replace(work / name, out / name)
+            if "supported-gpus.json" not in files:  # an image that had the driver before
+                (out / "supported-gpus.json").unlink(missing_ok=True)
+    say(f"guest image in {out} ({manifest['built_s']} s; rootfs.img {(out / 'rootfs.img').stat().st_size >> 20} MiB)")
+    return manifest
+
+
+def plan(*, ray_version: str, nvidia_driver: str | None = None, nvidia_modules: str | None = None) -> tuple[dict, str]:
+    """The inputs and cache key a build with these arguments would have (the NVIDIA versions are asked of
+    Debian's archive); builds nothing."""
+    nvidia = gpus.request(nvidia_driver, nvidia_modules)
+    with gpus.Archive(nvidia, _mirror()) if nvidia else contextlib.nullcontext() as archive:
+        return _plan(ray_version, archive)
+
+
+def _plan(ray_version: str, archive: gpus.Archive | None) -> tuple[dict, str]:
+    inputs = {
+        "suite": SUITE, "kernel": _package_version(_kernel_package()), "busybox": _package_version("busybox-static"),
+        "ray": ray_version, "agent": _sha256(HERE / "agent.py"), "recipe": _sha256(Path(__file__)),
+        "pins": hashlib.sha256(_constraints().encode()).hexdigest()[:16],
+        "python": f"{PYTHON[0]}.{PYTHON[1]}",  # the nodes' Python: `hearth env pack` refuses a controller on another
+    }
+    if archive is not None:  # only then: an image without the driver keeps the inputs (and key) it had
+        inputs["nvidia"] = {**archive.resolve(), "headers": gpus.headers(inputs["kernel"]), "recipe": gpus.recipe()}
+    return inputs, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _preflight(nvidia: gpus.Request | None) -> None:
     if sys.version_info[:2] != PYTHON:
         raise BuildError(f"the image's Python is Debian {SUITE}'s {PYTHON[0]}.{PYTHON[1]}, and Ray needs the controller "
                          f"on the same major.minor; this controller runs {sys.version_info[0]}.{sys.version_info[1]}: "
                          f"run hearth from a Python {PYTHON[0]}.{PYTHON[1]} venv")
     if os.geteuid() != 0:
         raise BuildError("hearth guest build needs root (debootstrap and chroot); run it with sudo")
-    missing = [t for t in ("debootstrap", "apt-get", "dpkg-deb", "mkfs.ext4") if shutil.which(t) is None]
+    tools = ("debootstrap", "apt-get", "dpkg-deb", "mkfs.ext4", *(("unshare", "dpkg") if nvidia else ()))
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs")
-    constraints = _constraints()
-    inputs = {
-        "suite": SUITE, "kernel": _package_version(_kernel_package()), "busybox": _package_version("busybox-static"),
-        "ray": ray_version, "agent": _sha256(HERE / "agent.py"), "recipe": _sha256(Path(__file__)),
-        "pins": hashlib.sha256(constraints.encode()).hexdigest()[:16],
-        "python": f"{PYTHON[0]}.{PYTHON[1]}",  # the nodes' Python: `hearth env pack` refuses a controller on another
-    }
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key and all(_sha256(out / f) == h for f, h in manifest["files"].items()):
-            say(f"guest image {out} is up to date (key {key}): reused")
-            return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="hearth-guest-", dir=out) as tmp:
-        work = Path(tmp)
-        say(f"kernel {inputs['kernel']} ...")
-        modules = _kernel(inputs["kernel"], work, work / "vmlinuz")
-        say("initramfs ...")
-        _initramfs(inputs["busybox"], work, modules, work / "initrd.img")
-        say(f"root filesystem: debootstrap {SUITE}, Python, ray=={ray_version} ...")
-        _rootfs(work / "root", ray_version, constraints)
-        say("rootfs.img ...")
-        _ext4(work / "root", work / "rootfs.img")
-        files = {name: _sha256(work / name) for name in ("vmlinuz", "initrd.img", "rootfs.img")}
-        manifest = {"key": key, "inputs": inputs, "files": files, "built_s": round(time.monotonic() - started, 1)}
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        # Only a finished build replaces the files (VMs that run the old ones keep theirs open); manifest last.
-        for name in (*files, "manifest.json"):
-            os.replace(work / name, out / name)
-    say(f"guest image in {out} ({manifest['built_s']} s)")
-    return manifest
+        raise BuildError(f"missing {', '.join(missing)}: apt-get install debootstrap e2fsprogs"
+                         + (" util-linux" if nvidia else ""))
 
 
 def _kernel_package() -> str:

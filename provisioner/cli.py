@@ -324,7 +324,12 @@ def hosts_check(
 def guest_build(
     out: Annotated[Path, typer.Option(help="Where the image goes (vmlinuz, initrd.img, rootfs.img, manifest.json).")]
     = Path("/var/lib/hearth/image"),
-    nvidia_driver: Annotated[Optional[str], typer.Option(help="Add NVIDIA's driver at this version.")] = None,
+    nvidia_driver: Annotated[Optional[str], typer.Option(
+        help="Add NVIDIA's driver from Debian: 535 (bookworm) or 550 (trixie); the modules built for the image's kernel.")]
+    = None,
+    nvidia_modules: Annotated[Optional[str], typer.Option(
+        help="With --nvidia-driver: 'open' kernel modules (Turing and newer; the default) or 'proprietary' "
+             "(Maxwell, Pascal, Volta).")] = None,
 ) -> None:
     """Build the guest image from Debian packages and PyPI (root); a rebuild with the same inputs reuses it."""
     from importlib.metadata import version
@@ -336,7 +341,8 @@ def guest_build(
             console.print(text)
             status.update(text)
 
-        manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver, say=say))
+        manifest = _run(lambda: build(out, ray_version=version("ray"), nvidia_driver=nvidia_driver,
+                                      nvidia_modules=nvidia_modules, say=say))
     console.print_json(json.dumps(manifest))
 
 

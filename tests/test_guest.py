@@ -97,10 +97,13 @@ def test_bad_requests_are_refused_before_anything_starts(tmp_path, run_dir, brid
     with pytest.raises(HearthError, match="lacks vmlinuz: build it with `hearth guest build`"):
         asyncio.run(run.up())
     assert not _qemus(str(run_dir)) and not _taps()
-    refused = subprocess.run([HEARTH, "guest", "build", "--out", str(tmp_path / "nv"), "--nvidia-driver", "550.54"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 1 and "NVIDIA's driver is neither in Debian main nor on PyPI" in refused.stderr
-    assert not (tmp_path / "nv").exists()
+    for args, message in [(["--nvidia-driver", "560"], "Debian ships NVIDIA's driver 535 (bookworm) and 550 (trixie)"),
+                          (["--nvidia-driver", "550", "--nvidia-modules", "closed"], "'open' (Turing and newer"),
+                          (["--nvidia-modules", "open"], "--nvidia-modules open needs --nvidia-driver")]:
+        refused = subprocess.run([HEARTH, "guest", "build", "--out", str(tmp_path / "nv"), *args],
+                                 capture_output=True, text=True)
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "nv").exists()
 
 
 def test_a_vmm_that_fails_at_start_fails_the_node_and_leaves_nothing(tmp_path, run_dir, bridge, image):
