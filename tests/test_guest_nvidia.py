@@ -21,7 +21,7 @@ import pytest
 from guest.build import plan
 from guest.gpus import image_support
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="images are built as root: run the tests as root")
+pytestmark = [pytest.mark.slow, pytest.mark.root("images are built as root")]
 HEARTH = str(Path(sys.executable).with_name("hearth"))
 BRANCHES = os.environ.get("HEARTH_TEST_NVIDIA_DRIVERS", "550,535").split(",")
 MODULES = ("nvidia", "nvidia-modeset", "nvidia-uvm")
@@ -138,7 +138,7 @@ def test_the_user_space_resolves_and_nothing_of_the_build_is_left(image, tmp_pat
         assert "Type: symlink" in link and f'Fast link dest: "{library.rsplit(".", 1)[0]}.{driver}"' in link, link
         target = str(Path(found.group(1)).with_name(f"{library.rsplit('.', 1)[0]}.{driver}"))
         assert "Type: regular" in _debugfs(rootfs, f"stat {target}")
-    assert "Type: regular" in _debugfs(rootfs, f"stat /usr/share/doc/libcuda1/copyright")
+    assert "Type: regular" in _debugfs(rootfs, "stat /usr/share/doc/libcuda1/copyright")
     # the compiler, the headers and DKMS stayed in the build chroot
     for gone in ("/usr/bin/gcc-12", "/usr/bin/make", "/usr/sbin/dkms", "/var/lib/dkms",
                  f"/usr/src/linux-headers-{manifest['nvidia']['kernel_release']}", "/usr/lib/firmware/nvidia/nonexistent"):
