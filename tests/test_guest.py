@@ -120,7 +120,7 @@ def test_a_vmm_that_fails_at_start_fails_the_node_and_leaves_nothing(tmp_path, r
     states = [e["state"] for e in run.summary()["nodes"][0]["events"]]
     assert states[-3:] == ["failed", "stopping", "stopped"] and states.count("vmm_started") == 0
     assert not _qemus(str(run_dir)) and not _taps()
-    assert not list((run_dir / "run" / "vms").iterdir())
+    assert not (run_dir / "run" / "vms").exists()  # its logs too, once the backend closed
 
 
 def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(request, tmp_path, bridge, image):
