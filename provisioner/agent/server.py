@@ -27,6 +27,7 @@ from aiohttp import web
 from provisioner.agent.envstore import DEFAULT_MARGIN, SIZE_HEADER, EnvStore, parse_margin
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
+from provisioner.events import NodeState
 from provisioner.node import NODE_ID
 
 
@@ -62,7 +63,8 @@ def app(agent: HostAgent, envs: EnvStore | None = None) -> web.Application:
     @routes.get("/v1/vms/{id}")
     async def get(request: web.Request) -> web.Response:
         after, wait = _number(request, "after", 0), _number(request, "wait", 0)
-        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid")))
+        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid"),
+                                       _state(request.query.get("until"))))
 
     @routes.get("/v1/vms/{id}/logs")
     async def logs(request: web.Request) -> web.Response:
@@ -133,6 +135,15 @@ def _vm_id(request: web.Request) -> str:
     if not NODE_ID.fullmatch(vm_id):
         raise AgentError(f"{vm_id[:80]!r} is not a VM id: up to 63 lower-case letters, digits and '-'")
     return vm_id
+
+
+def _state(value: str | None) -> NodeState | None:
+    if value is None:
+        return None
+    try:
+        return NodeState(value)
+    except ValueError:
+        raise AgentError(f"query parameter until must be a node state ({', '.join(s.value for s in NodeState)})") from None
 
 
 def _number(request: web.Request, name: str, default: float) -> float:

@@ -30,6 +30,11 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
     join_s          the builtin guest's time from hello to ready, as a Ray join would take (default 0)
     poweroff_after  the builtin guest powers off this many seconds after it joined (default: never)
     version         what vmm.ping reports (default "v53.0")
+    validate        check every request and response against the spec (default true). false is the bench
+                    mode: the same API, states and events, without the schema validator, whose import and
+                    checks would otherwise make each stand-in cost far more CPU than a native VMM, so that
+                    hundreds of them on a small machine measure hearth's control plane, not the stand-in.
+                    Tests keep the default.
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ from typing import Any
 # such format, and this process is the stand-in's own: skip it.
 sys.modules.setdefault("rfc3987_syntax", None)
 
-from provisioner.ch import spec  # noqa: E402
 from provisioner.ch.monitor import format_event  # noqa: E402
+
+API_ROOT = "/api/v1"  # as provisioner.ch.spec has it; that module is imported only when validating
+HEARTBEAT_S = 2.0  # as the real guest agent (guest/agent.py) sends them
 
 VM_NOT_CREATED = "VM is not created"
 
@@ -116,6 +123,10 @@ class StandIn:
             raise ApiError(500, "Error from API", f"{endpoint} is not implemented by the hearth stand-in")
         with self.lock:  # CH's VMM thread serves one request at a time: vm.info waits for vm.boot too
             return handler(body)
+
+    def serves(self, method: str, endpoint: str) -> bool:
+        """Whether the stand-in implements this endpoint (the bench mode's routing, without the spec)."""
+        return hasattr(self, f"{method.lower()}_{endpoint.replace('.', '_').replace('-', '_')}")
 
     def get_vmm_ping(self, _: Any) -> tuple[int, Any]:
         return 200, {"version": self.settings.get("version", "v53.0"), "build_version": "hearth-standin",
@@ -233,16 +244,7 @@ class StandIn:
                            f"Cannot bind {vsock['socket']}: No such file or directory (os error 2)")
 
     def _boot_delay(self) -> float:
-        boot = self.settings.get("boot_s", 0.05)
-        if isinstance(boot, dict):
-            delay = boot["median"] * math.exp(self.rng.gauss(0, boot.get("sigma", 0.25)))
-            if self.rng.random() < boot.get("straggler_p", 0.05):
-                delay *= boot.get("straggler_x", 3.0)
-        else:
-            delay = float(boot)
-        if self.fault == "slow-boot":
-            delay *= self.settings.get("slow_x", 20)
-        return delay
+        return boot_delay(self.settings, self.rng)
 
     def _start_guest(self) -> None:
         argv = self.settings.get("guest")
@@ -339,7 +341,7 @@ class _BuiltinGuest(threading.Thread):
                         deadline = time.monotonic() + self.poweroff_after
                     self._send(stream, {"op": "ready"})
                     while not self.halt.is_set() and time.monotonic() < deadline:
-                        if select.select([sock], [], [], 0.5)[0]:
+                        if select.select([sock], [], [], HEARTBEAT_S)[0]:
                             line = stream.readline()
                             if not line:
                                 break  # the host end is gone
@@ -381,6 +383,22 @@ class _BuiltinGuest(threading.Thread):
     def wait(self) -> int:
         self.join()
         return 0
+
+
+def boot_delay(settings: dict[str, Any], rng: random.Random | None = None) -> float:
+    """The boot time these settings give: `rng` as the stand-in seeds it (from `seed`) unless given. Pure, so
+    a benchmark knows each seed's draw before it boots anything (and can check a boot took at least that)."""
+    rng = rng or random.Random(settings.get("seed"))
+    boot = settings.get("boot_s", 0.05)
+    if isinstance(boot, dict):
+        delay = boot["median"] * math.exp(rng.gauss(0, boot.get("sigma", 0.25)))
+        if rng.random() < boot.get("straggler_p", 0.05):
+            delay *= boot.get("straggler_x", 3.0)
+    else:
+        delay = float(boot)
+    if settings.get("fault") == "slow-boot":
+        delay *= settings.get("slow_x", 20)
+    return delay
 
 
 def _vfio_problem(path: str) -> str | None:
@@ -439,24 +457,51 @@ def _handler(vmm: StandIn) -> type[BaseHTTPRequestHandler]:
 
         def _route(self, method: str, raw: bytes) -> tuple[int, Any]:
             path = self.path.split("?", 1)[0]
-            if not path.startswith(spec.API_ROOT + "/"):
+            if not path.startswith(API_ROOT + "/"):
                 raise ApiError(404, "Not Found")
-            endpoint = path[len(spec.API_ROOT) + 1:]
+            endpoint = path[len(API_ROOT) + 1:]
             if self.headers.get("X-Hearth-Deadline"):  # real CH skips it; here it shows the boot budget arrived
                 vmm.say(f"{endpoint}: the client waits up to {self.headers['X-Hearth-Deadline']} s")
-            try:
-                spec.endpoint(method, endpoint)
-            except KeyError:
-                if f"/{endpoint}" in spec.spec()["paths"]:
-                    raise ApiError(400, "Bad Request") from None
-                raise ApiError(404, "Not Found") from None
-            schema = spec.request_schema(method, endpoint)
+            validate = vmm.settings.get("validate", True)
+            if validate:
+                self._check_route(method, endpoint)
             body = None
             if raw:
                 try:
                     body = json.loads(raw)
                 except ValueError as error:
                     raise ApiError(400, "Failed to deserialize JSON", str(error)) from None
+            if validate:
+                self._check_request(method, endpoint, body)
+            elif not vmm.serves(method, endpoint):
+                raise ApiError(404, "Not Found")
+            status, reply = vmm.handle(method, endpoint, body)
+            if validate:
+                from provisioner.ch import spec
+
+                response_schema = spec.response_schema(method, endpoint, status)
+                if response_schema is not None:
+                    problems = spec.errors(response_schema, reply)
+                    if problems:  # the stand-in's own bug: say so loudly rather than answer off-contract
+                        raise ApiError(500, "hearth stand-in produced an off-spec response", *problems)
+            return status, reply
+
+        @staticmethod
+        def _check_route(method: str, endpoint: str) -> None:
+            from provisioner.ch import spec
+
+            try:
+                spec.endpoint(method, endpoint)
+            except KeyError:
+                if f"/{endpoint}" in spec.spec()["paths"]:
+                    raise ApiError(400, "Bad Request") from None
+                raise ApiError(404, "Not Found") from None
+
+        @staticmethod
+        def _check_request(method: str, endpoint: str, body: Any) -> None:
+            from provisioner.ch import spec
+
+            schema = spec.request_schema(method, endpoint)
             if schema is not None:
                 if body is None:
                     raise ApiError(400, "Bad Request", f"{endpoint} needs a {schema} body")
@@ -464,13 +509,6 @@ def _handler(vmm: StandIn) -> type[BaseHTTPRequestHandler]:
                 if problems:
                     vmm.say(f"rejected {endpoint}: {problems}")
                     raise ApiError(400, "Failed to deserialize JSON", f"{schema}: " + "; ".join(problems))
-            status, reply = vmm.handle(method, endpoint, body)
-            response_schema = spec.response_schema(method, endpoint, status)
-            if response_schema is not None:
-                problems = spec.errors(response_schema, reply)
-                if problems:  # the stand-in's own bug: say so loudly rather than answer off-contract
-                    raise ApiError(500, "hearth stand-in produced an off-spec response", *problems)
-            return status, reply
 
         def _reply(self, status: int, body: Any) -> None:
             data = b"" if body is None else json.dumps(body).encode()
