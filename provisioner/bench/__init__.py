@@ -31,7 +31,7 @@ async def stand_in_runs(tmp: Path, *, one_host_nodes: int, hosts: int, host_node
                         solo_top: int, ssh_every: int, say) -> tuple[dict[str, Any], dict[str, dict]]:
     """The one-host run (`parallel`) and the many-host run (`hosts`), and the solo boots both are compared with."""
     from provisioner.bench.fleet import fleet
-    from provisioner.bench.vms import STANDIN, SoloBoots, measure
+    from provisioner.bench.vms import SoloBoots, light_standin, measure
 
     image = tmp / "image"
     image.mkdir()
@@ -39,7 +39,8 @@ async def stand_in_runs(tmp: Path, *, one_host_nodes: int, hosts: int, host_node
         (image / name).write_bytes(b"\0" * 4096)
     results: dict[str, Any] = {}
     summaries: dict[str, dict] = {}
-    with fleet(tmp / "one", 1, standin=STANDIN, ssh_every=0, gpus=False) as one:
+    standin = light_standin(tmp / "bin")
+    with fleet(tmp / "one", 1, standin=standin, ssh_every=0, gpus=False) as one:
         solo = SoloBoots(one.hosts[0], one.agents[0].pid, image, tmp / "w", median)
         if one_host_nodes:
             say(f"booting {one_host_nodes} stand-in VMs in parallel on one host, then the slowest alone ...")
@@ -48,7 +49,7 @@ async def stand_in_runs(tmp: Path, *, one_host_nodes: int, hosts: int, host_node
                 image=image, work_dir=tmp / "w", agent_pids=[one.agents[0].pid])
         if hosts:
             say(f"starting {hosts} host agents with 8 GPUs each (every {ssh_every}th through SSH) ...")
-            with fleet(tmp / "f", hosts, standin=STANDIN, ssh_every=ssh_every) as many:
+            with fleet(tmp / "f", hosts, standin=standin, ssh_every=ssh_every) as many:
                 say(f"booting {host_nodes} stand-in VMs with a GPU each over {hosts} hosts, then the slowest alone ...")
                 results["hosts"], summaries["hosts"] = await measure(
                     "fleet", host_nodes, many.hosts, gpus=1, median=median, seed=seed, solo=solo, solo_top=solo_top,

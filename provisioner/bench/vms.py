@@ -35,6 +35,7 @@ from provisioner.run import ClusterRun
 from provisioner.spec import cluster_spec
 
 STANDIN = str(Path(sys.executable).with_name("cloud-hypervisor-standin"))
+SOURCE = Path(__file__).resolve().parents[2]  # where the `provisioner` package is imported from
 BOOT_TIMEOUT_S = 300.0  # hundreds of Python stand-ins starting at once on a small machine
 
 # What each agent request is for (AgentClient.calls_by_purpose names them by route, or as said here).
@@ -55,6 +56,18 @@ def settings(median: float, seed: int) -> dict[str, Any]:
     a 0.2 s Ray join, the builtin guest, no validation (bench mode)."""
     return {"boot_s": {"median": median, "sigma": 0.25, "straggler_p": 0.05, "straggler_x": 2.5},
             "seed": seed, "guest": "builtin", "join_s": 0.2, "validate": False}
+
+
+def light_standin(directory: Path) -> str:
+    """The stand-in as benchmarks run it: `python -IS` (no site, no site-packages: in its bench mode it needs
+    only the standard library and hearth's own modules), saving each VMM start the interpreter's site import.
+    Named like the installed one, which is how a host agent tells the stand-in from a real VMM."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cloud-hypervisor-standin"
+    path.write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(SOURCE)!r})\n"
+                    "from provisioner.ch.standin import main\nmain()\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def node_index(node_id: str) -> int:
