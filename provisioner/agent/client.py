@@ -45,7 +45,8 @@ class AgentClient:
     def __init__(self, host: str, socket_path: Path, *, closers: list[Callable[[], Awaitable[None]]] = ()) -> None:
         self.host = host
         self.socket_path = socket_path
-        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        # A Unix socket (the agent's, or its SSH forward) carries no TLS: no certificate store to load per host.
+        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=False),
                                        base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
         self._closers = list(closers)
         self.calls = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import importlib
 import json
 import math
 import os
@@ -162,6 +163,7 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
     margin = os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN
     parse_margin(margin)  # a bad setting stops the agent before it starts
     _claim(socket_path)
+    _warm_up()
     agent = HostAgent(config)
     await agent.start()
     runner = web.AppRunner(app(agent, EnvStore(config.state_dir / "envs", margin)), handle_signals=False,
@@ -187,6 +189,15 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
         await runner.cleanup()
         await agent.close()
         socket_path.unlink(missing_ok=True)
+
+
+def _warm_up() -> None:
+    """Import now what a VM's first API call would (httpx's transport, anyio's asyncio backend), so that a
+    host's first VMs boot like its others and a burst of boots on a fresh agent does not wait on imports."""
+    import httpcore  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        importlib.import_module("anyio._backends._asyncio")
 
 
 def _claim(path: Path) -> None:

@@ -52,8 +52,10 @@ import socketserver
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing and pathlib are not imported: each costs a stand-in start 5-10 ms of CPU
+if TYPE_CHECKING:
+    from typing import Any
 
 # Only the standard library's small modules at the top: hundreds of stand-ins start at once in a benchmark.
 # What only a guest program needs (subprocess, tempfile, shutil, importlib) is imported when one starts; the API
@@ -408,14 +410,15 @@ def boot_delay(settings: dict[str, Any], rng: random.Random | None = None) -> fl
 
 def _vfio_problem(path: str) -> str | None:
     """What CH would fail on when opening a VFIO device at this sysfs path, or None."""
-    device = Path(path.rstrip("/"))
-    if not device.is_dir():
+    device = path.rstrip("/")
+    if not os.path.isdir(device):
         return f"Failed to open VFIO device {path}: No such file or directory (os error 2)"
-    driver = os.path.basename(os.readlink(device / "driver")) if (device / "driver").is_symlink() else None
+    link = os.path.join(device, "driver")
+    driver = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
     if driver != "vfio-pci":
         return f"{path} is bound to {driver or 'no driver'}, not vfio-pci: failed to get the VFIO group"
-    group = os.path.basename(os.readlink(device / "iommu_group"))
-    root = str(device).split("/sys/bus/pci/devices/")[0] or "/"
+    group = os.path.basename(os.readlink(os.path.join(device, "iommu_group")))
+    root = device.split("/sys/bus/pci/devices/")[0] or "/"
     if not os.path.exists(os.path.join(root, "dev/vfio", group)):
         return f"Failed to open VFIO group /dev/vfio/{group}: No such file or directory (os error 2)"
     return None
