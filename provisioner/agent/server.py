@@ -196,7 +196,9 @@ def _warm_up() -> None:
     host's first VMs boot like its others and a burst of boots on a fresh agent does not wait on imports. And
     follow VMMs by pidfd, as Python 3.12 does by default: 3.11's default starts a thread per VMM to wait for it."""
     if sys.version_info < (3, 12):
-        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
     import httpcore  # noqa: F401
 
     with contextlib.suppress(ImportError):
