@@ -87,12 +87,14 @@ class Figures:
 
 
 async def boot_cluster(name: str, nodes: int, hosts: list[Host], node_settings, *, gpus: int, image: Path,
-                       work_dir: Path, agent_pids: list[int], sshd_pid: int | None = None) -> Figures:
-    """Boot a cluster of stand-in VMs, measure it, tear it down."""
+                       work_dir: Path, agent_pids: list[int], sshd_pid: int | None = None,
+                       zygote_pid: int | None = None) -> Figures:
+    """Boot a cluster of stand-in VMs, measure it, tear it down. A zygote's children (forked stand-ins, see
+    standin_zygote.py) count as stand-in CPU, as an agent's children do."""
     spec = cluster_spec(nodes=nodes, gpus_per_node=gpus, backend="cloud-hypervisor", image=image, name=name,
                         boot_timeout=BOOT_TIMEOUT_S)
     run = ClusterRun(spec, work_dir / name, inventory=Inventory(hosts=hosts), standin=node_settings, with_ray=False)
-    watched = agent_pids + ([sshd_pid] if sshd_pid else [])
+    watched = agent_pids + ([sshd_pid] if sshd_pid else []) + ([zygote_pid] if zygote_pid else [])
     before, cpu0, started = cpu_of(watched), time.process_time(), time.monotonic()
     try:
         await run.up()
@@ -112,8 +114,10 @@ async def boot_cluster(name: str, nodes: int, hosts: list[Host], node_settings, 
 
     def split(a, b) -> dict[str, float]:
         agents = [p for p in agent_pids if p in a and p in b]
+        zygote = [p for p in [zygote_pid] if p in a and p in b]
         return {"agents": sum(b[p].own - a[p].own for p in agents),
-                "standins": sum(b[p].children - a[p].children for p in agents),
+                "standins": sum(b[p].children - a[p].children for p in agents)
+                + sum(b[p].own + b[p].children - a[p].own - a[p].children for p in zygote),
                 "sshd": (b[sshd_pid].children - a[sshd_pid].children) if sshd_pid in a and sshd_pid in b else 0.0}
 
     return Figures(ready_s, summary, slot_waits, {"controller": controller, **split(before, at_ready)},
@@ -125,6 +129,7 @@ class SoloBoots:
     """Nodes booted alone on one idle local agent, cached by seed."""
     host: Host
     agent_pid: int
+    zygote_pid: int | None
     image: Path
     work_dir: Path
     median: float
@@ -134,7 +139,8 @@ class SoloBoots:
     async def time_of(self, seed: int) -> float:
         if seed not in self.times:
             figures = await boot_cluster(f"solo{seed}", 1, [self.host], lambda _: settings(self.median, seed), gpus=0,
-                                         image=self.image, work_dir=self.work_dir, agent_pids=[self.agent_pid])
+                                         image=self.image, work_dir=self.work_dir, agent_pids=[self.agent_pid],
+                                         zygote_pid=self.zygote_pid)
             self.times[seed] = figures.ready_s
             self.measured += 1
         return self.times[seed]
@@ -142,13 +148,14 @@ class SoloBoots:
 
 async def measure(name: str, nodes: int, hosts: list[Host], *, gpus: int, median: float, seed: int, solo: SoloBoots,
                   solo_top: int, image: Path, work_dir: Path, agent_pids: list[int],
-                  sshd_pid: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  sshd_pid: int | None = None, zygote_pid: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The parallel boot of `nodes` nodes over `hosts`, then the solo boots it is compared with: its figures
     (JSON-able) and its summary (for the picture)."""
     seeds = {i: seed + i for i in range(nodes)}
     draws = {i: boot_delay(settings(median, s)) for i, s in seeds.items()}
     figures = await boot_cluster(name, nodes, hosts, lambda node_id: settings(median, seeds[node_index(node_id)]),
-                                 gpus=gpus, image=image, work_dir=work_dir, agent_pids=agent_pids, sshd_pid=sshd_pid)
+                                 gpus=gpus, image=image, work_dir=work_dir, agent_pids=agent_pids, sshd_pid=sshd_pid,
+                                 zygote_pid=zygote_pid)
     chosen = sorted(draws, key=draws.get, reverse=True)[:solo_top or nodes]
     cached = sum(seeds[i] in solo.times for i in chosen)
     solo_times = {i: await solo.time_of(seeds[i]) for i in chosen}
