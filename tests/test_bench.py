@@ -61,11 +61,21 @@ def test_bench_boot_every_path_small(tmp_path, request):
     assert local["hearth_parallel"]["launcher"] and local["ratio_to_ray"] == pytest.approx(
         local["hearth_parallel"]["joined_s"] / local["ray_parallel"]["joined_s"], abs=0.002)
     assert {"ray_sequential", "hearth_sequential", "ratio_to_ray_sequential"} <= set(local)
-    assert len(figures["load_average"]["start"]) == 3
+    assert len(figures["load_average"]["start"]) == 3 and figures["standins"] == "forked from a zygote"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print(f"\nbench boot, small: {took:.0f} s; one host {figures['parallel']['ratio_to_solo']}, 3 hosts "
               f"{figures['hosts']['ratio_to_solo']}, local {local['ratio_to_ray']} (load {os.getloadavg()[0]:.1f})")
+
+
+def test_bench_boot_with_an_interpreter_per_standin():
+    """--no-fork-standins: each stand-in VMM its own `python -IS`, the way before the zygote."""
+    out = subprocess.run([HEARTH, "bench", "boot", "--nodes", "2", "--median", "0.2", "--solo-top", "1",
+                          "--local-nodes", "0", "--no-fork-standins", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout)
+    assert figures["standins"].startswith("an interpreter each") and figures["parallel"]["standin_ms_per_node"] > 0
+    assert figures["parallel"]["cluster_ready_s"] >= figures["parallel"]["slowest_draw_s"]
 
 
 def test_plot_names_the_extra_when_matplotlib_is_missing(tmp_path):

@@ -35,10 +35,11 @@ fds = [0, 1, 2]
 for flag, value in zip(sys.argv, sys.argv[1:]):
     if flag in ("--event-monitor", "--api-socket") and value.startswith("fd="):
         fds.append(int(value[3:]))
-request = "\\0".join(sys.argv) + "\\0\\0" + "\\0".join(k + "=" + v for k, v in os.environ.items())
+request = ("\\0".join(sys.argv) + "\\0\\0" + "\\0".join(k + "=" + v for k, v in os.environ.items())).encode()
+request = b"%d %s\\n" % (len(request), " ".join(map(str, fds)).encode()) + request
 s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
 s.connect({zygote!r})
-s.sendmsg([request.encode() + b"\\n" + " ".join(map(str, fds)).encode() + b"\\n\\n"],
+s.sendmsg([request],
            [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, bytes(__import__("array").array("i", fds)))])
 for fd in fds[3:]:
     os.close(fd)  # the VMM's end of the pipe now lives in the forked stand-in only
@@ -118,13 +119,19 @@ def serve(path: str) -> None:
 
 
 def _fork(connection: socket.socket, standin, zygote_fds) -> int | None:
+    """Read one request ("<length> <fd numbers>\\n" then argv, NUL NUL, environment) with its descriptors."""
     message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 64)
-    while not message.endswith(b"\n\n"):  # a long environment arrives in pieces (its descriptors came first)
-        more = connection.recv(1 << 20)
-        if not more:
+    while b"\n" not in message:
+        if not (more := connection.recv(1 << 20)):
             return None
         message += more
-    head, numbers, _ = message.split(b"\n", 2)
+    header, _, body = message.partition(b"\n")
+    length, *numbers = map(int, header.split())
+    while len(body) < length:
+        if not (more := connection.recv(1 << 20)):
+            return None
+        body += more
+    head = body
     pid = os.fork()
     if pid:
         for fd in fds:
@@ -141,12 +148,16 @@ def _fork(connection: socket.socket, standin, zygote_fds) -> int | None:
         os.setsid()
         import fcntl
 
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]  # out of the targets' way
-        for fd in fds:
-            os.close(fd)
-        for fd, target in zip(high, map(int, numbers.split())):
+        # Everything this child keeps goes out of the way of the numbers it must take (the wrapper's), first.
+        connection = socket.socket(fileno=fcntl.fcntl(connection.detach(), fcntl.F_DUPFD_CLOEXEC, 900))
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 900) for fd in fds]
+        for fd, target in zip(high, numbers):
             os.dup2(fd, target, inheritable=True)
-            os.close(fd)
+        keep = {*numbers, connection.fileno()}
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd not in keep:  # the zygote's: its listener, other stand-ins' connections, these copies
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         argv, _, env = head.partition(b"\0\0")
         os.environ.clear()
         os.environ.update(dict(item.split("=", 1) for item in env.decode().split("\0") if "=" in item))
@@ -163,7 +174,8 @@ def _fork(connection: socket.socket, standin, zygote_fds) -> int | None:
                 if not line:  # the wrapper is gone: SIGKILL, as a killed VMM dies
                     os.kill(os.getpid(), signal.SIGKILL)
                 for number in line.split():
-                    os.kill(os.getpid(), int(number))
+                    if number.isdigit():
+                        os.kill(os.getpid(), int(number))
 
         threading.Thread(target=follow, daemon=True).start()
         standin.main(argv.decode().split("\0")[1:])
