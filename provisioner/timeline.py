@@ -3,7 +3,7 @@ and waiting show at a glance. One model, drawn twice: as HTML/CSS here (the note
 status page, view.py) and as a PNG by `hearth bench boot --plot` (bench/plot.py).
 
 A phase is named, and coloured, by the state it ends in, as boot profiles are (events.py, profile.py): the
-bar from `placed` to `vmm_started` is the VMM's start. A node still in a phase has a bar up to now; a failure
+bar from `placed` to `vmm_started` is the VMM's start. A node still in a phase has a striped bar up to now; a failure
 is a red tick where it happened. Time counts from `Cluster(...)` (the summary's `created_at`), and the Ray
 head's start, when there is one, has a row of its own.
 """
@@ -82,7 +82,8 @@ _STYLE = ("<style>.hearth-tl{font-size:11px;margin:4px 0;max-width:760px}"
           ".hearth-tl .t b{position:absolute;top:-1px;bottom:-1px;width:2px;background:#e63946}"
           ".hearth-tl .lg span{display:inline-block;width:10px;height:10px;margin:0 3px 0 8px;vertical-align:middle}"
           + "".join(f".hearth-tl .{p}{{background:{c}}}" for p, c in COLOURS.items())
-          + ".hearth-tl .run{opacity:.6}</style>")
+          + ".hearth-tl .run{background-image:repeating-linear-gradient(135deg,rgba(255,255,255,.5) 0 3px,"
+          "transparent 3px 6px)}</style>")  # a phase still going on: striped, in its own colour
 
 
 def timeline_html(summary: dict[str, Any], now: float | None = None, *, max_height: int = 360) -> str:

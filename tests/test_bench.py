@@ -53,7 +53,7 @@ def test_bench_boot_every_path_small(tmp_path, request):
         assert requests["GET /v1/info"] == requests["GET /v1/gpus"] == p["hosts"]
         assert p["agent_requests_per_node"] <= p["agent_requests_per_node_total"]
         assert p["cpu_s"]["controller"] > 0 and p["cpu_s"]["agents"] > 0 and p["cpu_s"]["standins"] > 0
-    assert figures["hosts"]["ssh_hosts"] == 1 and figures["hosts"]["sshd_ms_per_node"] > 0
+    assert figures["hosts"]["ssh_hosts"] == 1 and figures["hosts"]["sshd_ms_per_node"] >= 0  # CPU ticks are 10 ms
     assert figures["parallel"]["ssh_hosts"] == 0
     # node i has seed i in both runs: the 4 seeds the one-host run measured alone are not booted alone again
     assert figures["hosts"]["solo_reused"] == 4 and figures["solo_boots"] == {"measured": 6, "distinct_seeds": 6}
