@@ -69,13 +69,15 @@ def test_bench_boot_every_path_small(tmp_path, request):
 
 
 def test_bench_boot_with_an_interpreter_per_standin():
-    """--no-fork-standins: each stand-in VMM its own `python -IS`, the way before the zygote."""
-    out = subprocess.run([HEARTH, "bench", "boot", "--nodes", "2", "--median", "0.2", "--solo-top", "1",
-                          "--local-nodes", "0", "--no-fork-standins", "--json"], capture_output=True, text=True, timeout=120)
+    """--no-fork-standins: each stand-in VMM its own `python -IS`, the way before the zygote; one boot slot."""
+    out = subprocess.run([HEARTH, "bench", "boot", "--nodes", "3", "--median", "0.2", "--solo-top", "1",
+                          "--max-concurrent-boots", "1", "--local-nodes", "0", "--no-fork-standins", "--json"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout)
     assert figures["standins"].startswith("an interpreter each") and figures["parallel"]["standin_ms_per_node"] > 0
     assert figures["parallel"]["cluster_ready_s"] >= figures["parallel"]["slowest_draw_s"]
+    assert figures["parallel"]["slot_wait_s"]["max"] > 0  # one boot slot: the others waited for it
 
 
 def test_plot_names_the_extra_when_matplotlib_is_missing(tmp_path):

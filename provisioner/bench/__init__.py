@@ -28,7 +28,8 @@ app = typer.Typer(help="Benchmarks that print figures and ratios.", no_args_is_h
 
 
 async def stand_in_runs(tmp: Path, *, one_host_nodes: int, hosts: int, host_nodes: int, median: float, seed: int,
-                        solo_top: int, ssh_every: int, say, fork: bool = True) -> tuple[dict[str, Any], dict[str, dict]]:
+                        solo_top: int, ssh_every: int, say, fork: bool = True,
+                        max_concurrent_boots: int | None = None) -> tuple[dict[str, Any], dict[str, dict]]:
     """The one-host run (`parallel`) and the many-host run (`hosts`), and the solo boots both are compared with."""
     from provisioner.bench.vms import light_standin
     from provisioner.ch.standin_zygote import forked_standins
@@ -36,16 +37,16 @@ async def stand_in_runs(tmp: Path, *, one_host_nodes: int, hosts: int, host_node
     if not fork:
         return await _stand_in_runs(tmp, light_standin(tmp / "bin"), None, one_host_nodes=one_host_nodes, hosts=hosts,
                                     host_nodes=host_nodes, median=median, seed=seed, solo_top=solo_top,
-                                    ssh_every=ssh_every, say=say)
+                                    ssh_every=ssh_every, say=say, max_concurrent_boots=max_concurrent_boots)
     with forked_standins(tmp / "z") as (standin, zygote):
         return await _stand_in_runs(tmp, standin, zygote, one_host_nodes=one_host_nodes, hosts=hosts,
                                     host_nodes=host_nodes, median=median, seed=seed, solo_top=solo_top,
-                                    ssh_every=ssh_every, say=say)
+                                    ssh_every=ssh_every, say=say, max_concurrent_boots=max_concurrent_boots)
 
 
 async def _stand_in_runs(tmp: Path, standin: str, zygote: int | None, *, one_host_nodes: int, hosts: int,
                          host_nodes: int, median: float, seed: int, solo_top: int, ssh_every: int,
-                         say) -> tuple[dict[str, Any], dict[str, dict]]:
+                         say, max_concurrent_boots: int | None) -> tuple[dict[str, Any], dict[str, dict]]:
     from provisioner.bench.fleet import fleet
     from provisioner.bench.vms import SoloBoots, measure
 
@@ -55,7 +56,9 @@ async def _stand_in_runs(tmp: Path, standin: str, zygote: int | None, *, one_hos
         (image / name).write_bytes(b"\0" * 4096)
     results: dict[str, Any] = {}
     summaries: dict[str, dict] = {}
-    with fleet(tmp / "one", 1, standin=standin, ssh_every=0, gpus=False) as one:
+    # the solo boots use this host too: its boot slots cannot slow a node booted alone
+    with fleet(tmp / "one", 1, standin=standin, ssh_every=0, gpus=False,
+               max_concurrent_boots=max_concurrent_boots) as one:
         solo = SoloBoots(one.hosts[0], one.agents[0].pid, zygote, image, tmp / "w", median)
         if one_host_nodes:
             say(f"booting {one_host_nodes} stand-in VMs in parallel on one host, then the slowest alone ...")
@@ -64,7 +67,8 @@ async def _stand_in_runs(tmp: Path, standin: str, zygote: int | None, *, one_hos
                 image=image, work_dir=tmp / "w", agent_pids=[one.agents[0].pid], zygote_pid=zygote)
         if hosts:
             say(f"starting {hosts} host agents with 8 GPUs each (every {ssh_every}th through SSH) ...")
-            with fleet(tmp / "f", hosts, standin=standin, ssh_every=ssh_every) as many:
+            with fleet(tmp / "f", hosts, standin=standin, ssh_every=ssh_every,
+                       max_concurrent_boots=max_concurrent_boots) as many:
                 say(f"booting {host_nodes} stand-in VMs with a GPU each over {hosts} hosts, then the slowest alone ...")
                 results["hosts"], summaries["hosts"] = await measure(
                     "fleet", host_nodes, many.hosts, gpus=1, median=median, seed=seed, solo=solo, solo_top=solo_top,
@@ -90,6 +94,8 @@ def boot(
     fork_standins: Annotated[bool, typer.Option(help="Fork the stand-in VMMs from one process that imported it "
                                                      "(as light as a native VMM's start), rather than start an "
                                                      "interpreter for each.")] = True,
+    max_concurrent_boots: Annotated[int | None, typer.Option(help="Each host's max_concurrent_boots (default: "
+                                                                  "none); the time nodes wait for a slot is reported.")] = None,
     local_nodes: Annotated[int, typer.Option(help="Local Ray nodes to join, hearth vs Ray (0: skip).")] = 3,
     sequential: Annotated[bool, typer.Option(help="Also join the local nodes one at a time, both ways.")] = True,
     plot: Annotated[Path | None, typer.Option(help="Draw the boot timeline to this PNG (needs hearth[plot]).")] = None,
@@ -110,7 +116,8 @@ def boot(
         if one or many:
             figures, summaries = asyncio.run(stand_in_runs(
                 Path(tmp), one_host_nodes=one, hosts=many, host_nodes=many_nodes, median=median, seed=seed,
-                solo_top=solo_top, ssh_every=ssh_every, say=console.print, fork=fork_standins))
+                solo_top=solo_top, ssh_every=ssh_every, say=console.print, fork=fork_standins,
+                max_concurrent_boots=max_concurrent_boots))
             figures["standins"] = "forked from a zygote" if fork_standins else "an interpreter each (python -IS)"
             results.update(figures)
             if plot is not None:

@@ -78,7 +78,8 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet(directory: Path, hosts: int, *, standin: str, ssh_every: int = 4, gpus: bool = True) -> Iterator[Fleet]:
+def fleet(directory: Path, hosts: int, *, standin: str, ssh_every: int = 4, gpus: bool = True,
+          max_concurrent_boots: int | None = None) -> Iterator[Fleet]:
     """`hosts` agents under `directory` (short: VM sockets live under it); every `ssh_every`-th host (0: none)
     is reached through a loopback sshd, the rest on their sockets. Without an sshd binary, all are local."""
     made = Fleet()
@@ -96,7 +97,7 @@ def fleet(directory: Path, hosts: int, *, standin: str, ssh_every: int = 4, gpus
             socket_path = directory / name / "agent.sock"
             agent = spawn(socket_path, directory / name / "state", directory / name / "v", host_root=root,
                           cloud_hypervisor=standin, log=directory / name / "agent.log", timeout=120)
-            host = Host(name=name, agent_socket=socket_path)
+            host = Host(name=name, agent_socket=socket_path, max_concurrent_boots=max_concurrent_boots)
             if ssh is not None and index % ssh_every == ssh_every - 1:
                 host = host.model_copy(update={"address": ssh["address"], "ssh_identity": ssh["identity"],
                                                "ssh_known_hosts": ssh["known_hosts"]})
