@@ -41,6 +41,7 @@ class NodeRecord:
     errors: list[str] = field(default_factory=list)
     process: NodeProcess | None = None
     ray_node_id: str | None = None
+    slot_wait_s: float = 0.0  # time spent waiting for a boot slot on its host (max_concurrent_boots)
 
     @property
     def history(self) -> NodeHistory:
@@ -155,7 +156,9 @@ class Engine:
             process.tracker.transition(NodeState.placed, _where(placement))
             deadline = time.monotonic() + self.spec.boot_timeout
             try:
+                asked = time.monotonic()
                 async with self._limits.get(placement.host) or contextlib.nullcontext():
+                    record.slot_wait_s += time.monotonic() - asked
                     # The backend bounds its own waits by the deadline (on a host too); the margin lets a
                     # host's own timeout, with its words, arrive before ours.
                     await asyncio.wait_for(process.start(deadline), _left(deadline) + HOST_MARGIN_S)

@@ -2,8 +2,9 @@
 
 It is `summary_html` of `ClusterRun.summary()`: a headline with the elapsed time since `Cluster(...)` ran,
 the Ray head's phase (starting, up, failed, stopped) with links to its dashboard and hearth's status page
-through Jupyter, node counts that add up to the nodes shown, a grid of nodes coloured by state (hover for
-a node's boot phases), and the failures with their reasons.
+through Jupyter, node counts that add up to the nodes shown, the boot's timeline (timeline.py: a row per node,
+its phases as bars on a shared time axis, growing live; hover a row for its phases in seconds), and the
+failures with their reasons.
 
 `LiveView` displays it as plain `text/html` with a display id, and replaces it in place (`update_display`)
 four times a second while the cluster changes and every `HEARTBEAT_S` otherwise. Not an ipywidget: a widget
@@ -29,7 +30,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from provisioner.profile import cluster_profile_line, phase_names, seconds
+from provisioner.profile import cluster_profile_line
+from provisioner.timeline import timeline_html
 
 COLOURS = {"new": "#d9d9d9", "requested": "#d9d9d9", "placed": "#c6c6c6", "vmm_started": "#f4d58d",
            "booting": "#f2b84b", "guest_up": "#9ecae1", "ray_joined": "#6baed6", "ready": "#2a9d8f",
@@ -73,10 +75,6 @@ def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url:
     nodes = summary["nodes"]
     counts = Counter(outcome(n) for n in nodes)
     ended = summary.get("ended_at") is not None  # torn down: nothing will change any more
-    cells = "".join(
-        f'<div title="{html.escape(_tooltip(n, summary["backend"]))}" style="width:14px;height:14px;border-radius:3px;'
-        f'background:{COLOURS["failed"] if outcome(n) == "failed" else COLOURS.get(n["state"], "#ccc")}"></div>'
-        for n in nodes)
     count_line = " &middot; ".join(
         f'<span style="color:{COLOURS[o] if counts[o] and o in ("ready", "failed") else "inherit"}">{counts[o]} {o}</span>'
         for o in OUTCOMES) + f" &mdash; of {len(nodes)} nodes"
@@ -91,8 +89,7 @@ def summary_html(summary: dict[str, Any], *, now: float | None = None, base_url:
         + _head_line(summary, now, base_url, fades=live and not ended)
         + _env_line(summary)
         + f'<div class="hearth-counts">{count_line}</div>'
-        f'<div style="display:grid;grid-template-columns:repeat(auto-fill,16px);gap:2px;max-width:560px;margin:2px 0">'
-        f'{cells}</div>'
+        + timeline_html(summary, now)
         + _problems(summary, nodes)
         + (f'<div class="hearth-note"><b>{html.escape(note)}</b></div>' if note else "")
         + (f'<div class="hearth-updated" style="color:#888;font-size:11px">{footer}</div>' if view != "page" else "")
@@ -185,14 +182,6 @@ def _problems(summary: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
     items += [f"<li><b>{html.escape(n['id'])}</b> recovered on attempt {n['attempts']}; before: "
               f"{html.escape('; then '.join(n['errors']))}</li>" for n in nodes if recovered(n)]
     return f'<details open><summary>problems</summary><ul style="margin:2px 0">{"".join(items)}</ul></details>' if items else ""
-
-
-def _tooltip(node: dict[str, Any], backend: str) -> str:
-    names = phase_names(backend)
-    phases = ", ".join(f"{name} {seconds(node['profile'][state])} s" for state, name in names.items()
-                       if state in node["profile"])
-    return f"{node['id']} on {node['host']}: {node['state']}" + (f" ({node['detail']})" if node["detail"] else "") + \
-        (f"\n{phases}" if phases else "")
 
 
 def in_notebook() -> bool:

@@ -13,6 +13,7 @@ conflict (or an env image busy or in use), 502 the VMM failed, 507 no room for a
     GET    /v1/gpus                        every usable GPU: NUMA node, IOMMU group functions, who leases it
     PUT    /v1/vms/{id}                    lease the GPUs, make the tap, start and boot the VM (idempotent)
     GET    /v1/vms/{id}?after=N&wait=S     the VM and its events; waits up to S s for more than N events
+                       [&until=STATE]      or, with until, for the VM to reach STATE (or fail, stop, end)
                        [&uid=U]            (only the incarnation the controller created as U)
     DELETE /v1/vms/{id}?grace=S            stop it, free its GPUs, tap and address
     POST   /v1/leases/{controller}?ttl=S   the controller is alive: keep its VMs for S more seconds

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,12 @@ class AgentClient:
     def __init__(self, host: str, socket_path: Path, *, closers: list[Callable[[], Awaitable[None]]] = ()) -> None:
         self.host = host
         self.socket_path = socket_path
-        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        # A Unix socket (the agent's, or its SSH forward) carries no TLS: no certificate store to load per host.
+        self._http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=False),
                                        base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
         self._closers = list(closers)
         self.calls = 0
+        self.calls_by_purpose: Counter[str] = Counter()  # what each request was for (the benchmark reports it)
 
     async def info(self, image: Path | None = None) -> dict[str, Any]:
         return await self._call("GET", "/v1/info", params={"image": str(image)} if image else None)
@@ -58,9 +61,12 @@ class AgentClient:
     async def create_vm(self, vm_id: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return await self._call("PUT", f"/v1/vms/{vm_id}", json=body, timeout=timeout)
 
-    async def vm(self, vm_id: str, after: int = 0, wait: float = 0, uid: str | None = None) -> dict[str, Any]:
-        params = {"after": after, "wait": wait, **({"uid": uid} if uid else {})}
-        return await self._call("GET", f"/v1/vms/{vm_id}", params=params, timeout=wait + 30)
+    async def vm(self, vm_id: str, after: int = 0, wait: float = 0, uid: str | None = None,
+                 until: str | None = None) -> dict[str, Any]:
+        """The VM; with `wait`, once it has more than `after` events, or with `until` once it reached that state."""
+        params = {"after": after, "wait": wait, **({"uid": uid} if uid else {}), **({"until": until} if until else {})}
+        return await self._call("GET", f"/v1/vms/{vm_id}", params=params, timeout=wait + 30,
+                                purpose=f"follow the VM until {until}" if until else "the VM's events")
 
     async def vm_logs(self, vm_id: str) -> dict[str, str]:
         return await self._call("GET", f"/v1/vms/{vm_id}/logs")
@@ -118,10 +124,12 @@ class AgentClient:
             with contextlib.suppress(Exception):
                 await close()
 
-    async def _call(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def _call(self, method: str, path: str, timeout: float | None = None, purpose: str | None = None,
+                    **kwargs: Any) -> Any:
         if timeout is not None:
             kwargs["timeout"] = timeout
         self.calls += 1
+        self.calls_by_purpose[purpose or f"{method} {_route(path)}"] += 1
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:
@@ -134,6 +142,12 @@ class AgentClient:
         except (ValueError, KeyError, TypeError):
             message = response.text.strip() or response.reason_phrase
         raise AgentRefused(self.host, response.status_code, message)
+
+
+def _route(path: str) -> str:
+    """A request's path with its VM, controller or image named generically: /v1/vms/{id}."""
+    parts = path.split("/")
+    return "/".join(parts[:3] + ["{id}"] + parts[4:]) if len(parts) > 3 else path
 
 
 async def _read(path: Path, offset: int, chunk: int, counted: list[int]) -> AsyncIterator[bytes]:

@@ -35,7 +35,7 @@ from provisioner.agent.ledger import Ledger, VmLease
 from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vm import ChVm, vmm_pid_matches
 from provisioner.errors import AgentError, HearthError, LeaseConflict, VmNotFound
-from provisioner.events import NodeEvent, NodeState
+from provisioner.events import TERMINAL, NodeEvent, NodeState
 from provisioner.net import bridge_facts, delete_tap, guest_mac, ipv4_routes, tap_exists, tap_name
 from provisioner.node import GpuRequest, GuestConfig, GuestNetwork, NodeSpec
 from provisioner.processes import AdoptedProcess, terminate
@@ -104,7 +104,7 @@ class HostAgent:
         self.vms: dict[str, ChVm] = {}
         self.ended: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
-        self._changed = asyncio.Event()
+        self._changes: dict[str, asyncio.Event] = {}  # per VM: set (and replaced) on each of its events
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
 
@@ -232,19 +232,35 @@ class HostAgent:
     def list_vms(self) -> list[dict[str, Any]]:
         return [self.vm(v) for v in self.vms]
 
-    async def watch(self, vm_id: str, after: int, wait: float, uid: str | None = None) -> dict[str, Any]:
+    async def watch(self, vm_id: str, after: int, wait: float, uid: str | None = None,
+                    until: NodeState | None = None) -> dict[str, Any]:
         """The VM once it has more than `after` events (or has ended), or as it is after `wait` seconds.
-        With `uid`, only that incarnation of the VM id: an earlier one is `NotFound`."""
+        With `until`, not before it has reached that state (or failed, stopped or ended): a controller follows
+        a boot with one request instead of one per event. With `uid`, only that incarnation of the VM id: an
+        earlier one is `NotFound`. Only this VM's own events wake the request."""
         deadline = time.monotonic() + wait
         while True:
-            summary = self.vm(vm_id)
-            if uid is not None and summary["uid"] != uid:
-                raise VmNotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
-            if len(summary["events"]) > after or summary["state"] == "stopped" or time.monotonic() >= deadline:
+            vm = self.vms.get(vm_id)
+            if vm is None or not self._waiting(vm, after, until):
+                summary = self.vm(vm_id)
+                if uid is not None and summary["uid"] != uid:
+                    raise VmNotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
                 return summary
-            changed = self._changed
+            if uid is not None and _uid(self.ledger.vms.get(vm_id)) != uid:
+                raise VmNotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
+            if time.monotonic() >= deadline:
+                return self.vm(vm_id)
+            changed = self._changes.setdefault(vm_id, asyncio.Event())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+
+    @staticmethod
+    def _waiting(vm: ChVm, after: int, until: NodeState | None) -> bool:
+        """Whether a watch of `vm` has nothing to answer yet."""
+        events = vm.history.events
+        if until is None:
+            return len(events) <= after
+        return not (vm.tracker.reached(until) or vm.history.state in TERMINAL)
 
     async def delete_vm(self, vm_id: str, grace: float = 5.0) -> dict[str, Any]:
         vm = self.vms.get(vm_id)
@@ -308,8 +324,9 @@ class HostAgent:
     def _on_event(self, event: NodeEvent) -> None:
         if event.state == NodeState.stopped and event.node in self.vms:
             self._forget(event.node, event.detail or "stopped")
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        changed = self._changes.pop(event.node, None)
+        if changed is not None:
+            changed.set()
 
     def _forget(self, vm_id: str, why: str) -> None:
         vm = self.vms.pop(vm_id, None)
@@ -376,7 +393,9 @@ def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
 
 
-def _uid(lease: VmLease) -> str:
+def _uid(lease: VmLease | None) -> str:
+    if lease is None:
+        return ""
     return lease.request.get("node", {}).get("uid", "")
 
 

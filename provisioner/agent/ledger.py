@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from provisioner.errors import AgentError, LeaseConflict
 from provisioner.files import write_atomic
 
+RECORD_S = 1.0  # a lease renewal that moves its end by less is not written to disk (see Ledger.renew)
+
 
 class VmLease(BaseModel):
     id: str
@@ -61,6 +63,7 @@ class Ledger:
             self.vms[lease.id] = lease
         controllers = state_dir / "controllers.json"
         self.controllers: dict[str, float] = json.loads(controllers.read_text()) if controllers.exists() else {}
+        self._recorded = dict(self.controllers)  # what controllers.json says
 
     def close(self) -> None:
         os.close(self._lock)
@@ -90,8 +93,12 @@ class Ledger:
 
     # -- controllers -----------------------------------------------------------------------------
     def renew(self, controller: str, ttl: float) -> float:
-        self.controllers[controller] = expires = time.time() + ttl
-        self._save_controllers()
+        """The controller's lease now ends `ttl` from now. Written to disk (for a restarted agent) unless that
+        moves it by less than RECORD_S: every VM a controller creates renews its lease, and a file write per VM,
+        in the agent's one thread, held up every boot of a large cluster."""
+        expires = self.controllers[controller] = time.time() + ttl
+        if abs(expires - self._recorded.get(controller, 0.0)) >= RECORD_S:
+            self._save_controllers()
         return expires
 
     def drop(self, controller: str, why: str) -> None:
@@ -120,6 +127,7 @@ class Ledger:
 
     def _save_controllers(self) -> None:
         write_atomic(self.dir / "controllers.json", json.dumps(self.controllers), 0o600)
+        self._recorded = dict(self.controllers)
 
     def _log(self, op: str, subject: str, **fields: Any) -> None:
         with open(self.dir / "leases.log", "a") as log:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import importlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from aiohttp import web
 from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
+from provisioner.events import NodeState
 from provisioner.node import NODE_ID
 
 
@@ -62,7 +64,8 @@ def app(agent: HostAgent) -> web.Application:
     @routes.get("/v1/vms/{id}")
     async def get(request: web.Request) -> web.Response:
         after, wait = _number(request, "after", 0), _number(request, "wait", 0)
-        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid")))
+        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid"),
+                                       _state(request.query.get("until"))))
 
     @routes.get("/v1/vms/{id}/logs")
     async def logs(request: web.Request) -> web.Response:
@@ -130,6 +133,15 @@ def _vm_id(request: web.Request) -> str:
     return vm_id
 
 
+def _state(value: str | None) -> NodeState | None:
+    if value is None:
+        return None
+    try:
+        return NodeState(value)
+    except ValueError:
+        raise AgentError(f"query parameter until must be a node state ({', '.join(s.value for s in NodeState)})") from None
+
+
 def _number(request: web.Request, name: str, default: float) -> float:
     try:
         value = float(request.query.get(name, default))
@@ -144,6 +156,7 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
                 ready: asyncio.Event | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT (or cancellation)."""
     _claim(socket_path)
+    _warm_up()
     agent = HostAgent(config)
     await agent.start()
     runner = web.AppRunner(app(agent), handle_signals=False, access_log=None)
@@ -168,6 +181,20 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
         await runner.cleanup()
         await agent.close()
         socket_path.unlink(missing_ok=True)
+
+
+def _warm_up() -> None:
+    """Import now what a VM's first API call would (httpx's transport, anyio's asyncio backend), so that a
+    host's first VMs boot like its others and a burst of boots on a fresh agent does not wait on imports. And
+    follow VMMs by pidfd, as Python 3.12 does by default: 3.11's default starts a thread per VMM to wait for it."""
+    if sys.version_info < (3, 12):
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+    import httpcore  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        importlib.import_module("anyio._backends._asyncio")
 
 
 def _claim(path: Path) -> None:

@@ -4,7 +4,8 @@
              return the GPUs they have free; then renew this controller's lease on every host, every
              lease_s / 3 seconds, for as long as the cluster lives
     node()   an `AgentVm`: PUT the node's `NodeSpec` on its host's agent (with what is left of its boot
-             deadline), then follow its events (long polls); its logs and inner boot phases come from there
+             deadline), then follow it with a long poll until it joined Ray and one until it ends; its logs
+             and inner boot phases come from there
     close()  release the lease on every host (the agents stop whatever VMs are left), close the tunnels
 
 When the controller dies (the kernel is killed, the network splits) nothing renews its lease and every
@@ -115,26 +116,19 @@ class AgentVm:
         self.guest_profile: dict[str, float] = {}
         self.exited = asyncio.Event()
         self._seen = 0
-        self._created = False
         self._watcher: asyncio.Task | None = None
 
     async def start(self, deadline: float) -> None:
-        """PUT the VM; returns once its vm.boot answered. The agent gets what is left of the boot deadline and
-        bounds its own waits by it. Its events are followed meanwhile, so a long vm.boot shows as booting. A
-        dropped connection (the agent restarting) is retried: PUT is idempotent."""
-        self._watcher = asyncio.create_task(self._watch())
-
+        """PUT the VM; returns once its vm.boot answered, with its events so far (VMM started, booting). The
+        agent gets what is left of the boot deadline and bounds its own waits by it. A dropped connection (the
+        agent restarting) is retried: PUT is idempotent. Then one long poll follows the VM to ray_joined."""
         def create() -> Any:
             budget = max(deadline - time.monotonic(), 0.001)
             return self.agent.create_vm(self.node_id, {**self.request, "budget_s": budget}, timeout=budget + 10)
 
-        try:
-            vm = await self._reaching(create)
-        except BaseException:
-            self._watcher.cancel()
-            raise
-        self._created = True
+        vm = await self._reaching(create)
         self._mirror(vm)
+        self._watcher = asyncio.create_task(self._watch())
 
     async def logs(self) -> str:
         """The VM's serial console and its VMM's log, as its host agent keeps them."""
@@ -166,17 +160,18 @@ class AgentVm:
         self.exited.set()
 
     async def _watch(self) -> None:
+        """Follow the VM with as few requests as its life allows: one long poll until it joined Ray (or failed),
+        then one at a time until it ends, each up to the agent's 60 s limit. So a node costs the agent a PUT, two
+        GETs and a DELETE; its events before vm.boot answered come with the PUT's answer."""
         while True:
+            until = NodeState.stopped if self.tracker.reached(NodeState.ray_joined) else NodeState.ray_joined
             try:
-                vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 20, self.uid))
+                vm = await self._reaching(lambda: self.agent.vm(self.node_id, self._seen, 60, self.uid, until.value))
             except AgentRefused as error:
                 if error.status != 404:  # the agent failed to answer: say so, rather than end silently
                     if self.history.state not in TERMINAL:
                         self.tracker.transition(NodeState.failed, str(error))
                     return
-                if not self._created:  # the PUT has not reached the agent yet
-                    await asyncio.sleep(0.1)
-                    continue
                 vm = {"events": [], "state": "stopped"}  # the agent restarted and had to drop it
                 if self.history.state not in TERMINAL:
                     self.tracker.transition(NodeState.failed, "its host agent lost it (an agent restart)")

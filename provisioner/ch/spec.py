@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonschema import Draft7Validator, FormatChecker
+
+if TYPE_CHECKING:
+    from jsonschema import Draft7Validator
 
 SPEC_PATH = Path(__file__).with_name("cloud-hypervisor.yaml")
 SPEC_SHA256 = "a0772f45ccd007f18a431d303d19a1d31f515f254d55f500509d4d7c25515f10"
@@ -24,9 +26,18 @@ API_ROOT = "/api/v1"
 _INT_RANGES = {"int8": (-(2**7), 2**7 - 1), "uint8": (0, 2**8 - 1), "int16": (-(2**15), 2**15 - 1),
                "uint16": (0, 2**16 - 1), "int32": (-(2**31), 2**31 - 1), "uint32": (0, 2**32 - 1),
                "int64": (-(2**63), 2**63 - 1)}
-_formats = FormatChecker()
-for _name, (_low, _high) in _INT_RANGES.items():
-    _formats.checks(_name)(lambda value, low=_low, high=_high: not isinstance(value, int) or low <= value <= high)
+
+
+@cache
+def _formats():
+    """jsonschema is imported here, on the first validation, not with this module: the client, the host agent and
+    every `hearth` command import API_ROOT from here, and jsonschema's import costs a second or more of CPU."""
+    from jsonschema import FormatChecker
+
+    formats = FormatChecker()
+    for name, (low, high) in _INT_RANGES.items():
+        formats.checks(name)(lambda value, low=low, high=high: not isinstance(value, int) or low <= value <= high)
+    return formats
 
 
 @cache
@@ -61,7 +72,9 @@ def validator(schema_name: str) -> Draft7Validator:
     if schema_name not in document["components"]["schemas"]:
         raise KeyError(f"the spec has no schema {schema_name!r}")
     root = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
-    return Draft7Validator(root, format_checker=_formats)
+    from jsonschema import Draft7Validator
+
+    return Draft7Validator(root, format_checker=_formats())
 
 
 def errors(schema_name: str, instance: Any) -> list[str]:
