@@ -291,7 +291,7 @@ def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_
     for request, status, words in cases:
         response = http.put("/v1/vms/n-0", json=request)
         assert response.status_code == status and words in response.json()["error"], response.text
-    for path, words in (("/v1/vms/..%2Fetc", "is not a VM id"), ("/v1/vms/n-0?after=1&wait=nan", "finite number")):
+    for path, words in (("/v1/vms/..%2Fetc", "is not a VM id"), ("/v1/vms/n-0?after=1&wait=nan", "give a number of seconds from 0 to 60")):
         response = http.get(path)
         assert response.status_code == 400 and words in response.json()["error"], response.text
     assert not agents.vms("solo").exists() or not any(agents.vms("solo").iterdir())
