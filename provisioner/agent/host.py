@@ -277,7 +277,13 @@ class HostAgent:
                 self._booting[vm_id] = asyncio.create_task(self._boot(vm, lease, deadline))
             boot = self._booting.get(vm_id)
         if boot is not None:
-            await asyncio.shield(boot)
+            try:
+                await asyncio.shield(boot)
+            except asyncio.CancelledError:
+                if not boot.cancelled():
+                    raise  # this request was cancelled, not the boot
+                raise LeaseConflict(f"VM {vm_id} was ended while it booted: its controller's lease was released "
+                                    "or lapsed, or it was deleted") from None
         return self.vm(vm_id)
 
     async def _boot(self, vm: ChVm, lease: VmLease, deadline: float) -> None:
@@ -499,6 +505,9 @@ class HostAgent:
             ended = await terminate(process, 0)
             process.close()
             self.ledger.log("sweep", vm_id, what=f"VMM pid {pid}", ended=ended)
+            held = self.ledger.held_by(vm_id)
+            if held and ended:  # the audit log still had it leased: it is free now, and the log says so
+                self.ledger.log("release", vm_id, devices=held, why="swept: its VMM ran with no lease record")
             _say(f"swept VM {vm_id}'s VMM (pid {pid}), which no lease accounted for" + ("" if ended else ": it outlived SIGKILL"))
         taps = {lease.tap for lease in self.ledger.vms.values() if lease.tap}
         for tap in sweep.taps_on(self.config.bridge):

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,23 @@ class Ledger:
             self.save(lease)
         except StateDiskFull as error:  # kept in memory; a restart finds the VMM again by its command line
             print(f"hearth agent: {error}", file=sys.stderr, flush=True)
+
+    def held_by(self, vm_id: str) -> list[str]:
+        """The devices the audit log says `vm_id` holds (leased, not released): what a VM whose record was lost
+        held, so that its end is logged and the log still replays (the sweep)."""
+        held: list[str] = []
+        try:
+            lines = (self.dir / "leases.log").read_text().splitlines()
+        except OSError:
+            return held
+        for line in lines:
+            with suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                if entry["subject"] == vm_id and entry["op"] == "lease":
+                    held = list(entry.get("devices", []))
+                elif entry["subject"] == vm_id and entry["op"] == "release":
+                    held = []
+        return held
 
     # -- controllers -----------------------------------------------------------------------------
     def open(self, controller: str, ttl: float, uid: int, secret_sha256: str) -> float:
