@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -111,6 +112,30 @@ class CreateVm(BaseModel):
     standin: dict[str, Any] | None = None  # settings for cloud-hypervisor-standin; refused by a real VMM
 
 
+def preflight(config: AgentConfig) -> None:
+    """What must hold before the agent makes anything: its bridge exists (with a subnet to hand out), and its
+    state and run directories, if they exist, are only its own to write (it runs as root, and writes
+    leases, sockets and logs there: a directory another user can write would let them plant a symlink)."""
+    if config.bridge and config.subnet is None:
+        raise AgentError("--bridge needs --subnet: the agent hands guests addresses from the host's subnet")
+    if config.bridge and not bridge_facts(config.bridge)["exists"]:
+        raise AgentError(f"bridge {config.bridge} does not exist: create it (the hearth_network Ansible "
+                         "role does, see docs/networking.md) or start the agent without --bridge")
+    for what, directory in (("--state-dir", config.state_dir), ("--run-dir", config.run_dir)):
+        try:
+            facts = os.lstat(directory)
+        except FileNotFoundError:
+            continue  # made 0700 by the agent
+        if stat.S_ISLNK(facts.st_mode) or not stat.S_ISDIR(facts.st_mode):
+            raise AgentError(f"{what} {directory} is not a directory (a symlink?): give the agent a directory "
+                             "of its own")
+        if facts.st_uid != os.geteuid() or facts.st_mode & 0o022:
+            raise AgentError(f"{what} {directory} is owned by uid {facts.st_uid} with mode "
+                             f"{stat.S_IMODE(facts.st_mode):04o}: the agent runs as uid {os.geteuid()} and keeps "
+                             "leases, sockets and logs there, so only it may write there; remove the directory "
+                             "(the agent makes it, mode 0700) or chown/chmod it")
+
+
 class HostAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -132,13 +157,11 @@ class HostAgent:
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.config.bridge and not bridge_facts(self.config.bridge)["exists"]:
+        try:
+            preflight(self.config)
+        except AgentError:
             self.ledger.close()
-            raise AgentError(f"bridge {self.config.bridge} does not exist: create it (the hearth_network Ansible "
-                             "role does, see docs/networking.md) or start the agent without --bridge")
-        if self.config.bridge and self.config.subnet is None:
-            self.ledger.close()
-            raise AgentError("--bridge needs --subnet: the agent hands guests addresses from the host's subnet")
+            raise
         self.config.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self._recover()
         await self._sweep()

@@ -33,16 +33,15 @@ from aiohttp import web
 
 from provisioner.agent.auth import Caller, check_controller, identify, peer_uid
 from provisioner.agent.envstore import MAX_SIZE, SIZE_HEADER
-from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
+from provisioner.agent.host import AgentConfig, CreateVm, HostAgent, preflight
 from provisioner.agent.ledger import MAX_TTL_S, MIN_TTL_S
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
-from provisioner.node import NODE_ID
+from provisioner.node import NODE_ID, NODE_UID
 
 MAX_BODY = 1 << 20  # a VM request is a few KiB; env images stream (PUT /v1/envs) and are bounded by their size
 MAX_WAIT_S = 60.0  # a long poll; the controller asks again
 MAX_GRACE_S = 120.0  # a stop's polite part; after it, SIGTERM and SIGKILL
 MAX_EVENTS = 10_000  # `after`: far more events than a VM's life has
-UID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a boot attempt's uid (node.NodeSpec.uid)
 IMAGE = re.compile(r"/[^\0]{0,4095}")
 # Each query parameter an endpoint takes: (lowest, highest, default); None for the ones that are not numbers
 LIMITS: dict[str, tuple[float, float, float]] = {
@@ -93,7 +92,7 @@ def app(agent: HostAgent) -> web.Application:
     async def get(request: web.Request) -> web.Response:
         _known(request, "after", "wait", "uid")
         vm_id, uid = _vm_id(request), request.query.get("uid")
-        if uid is not None and not UID.fullmatch(uid):
+        if uid is not None and not NODE_UID.fullmatch(uid):
             raise AgentError(f"uid {uid[:80]!r} is not a boot attempt's uid: 1 to 64 letters, digits, '_', '-'")
         return _json(await agent.watch(vm_id, int(_number(request, "after")), _number(request, "wait"), uid,
                                        caller(request)))
@@ -212,7 +211,8 @@ def _number(request: web.Request, name: str) -> float:
 
 async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
                 ready: asyncio.Event | None = None) -> None:
-    """Run the agent until SIGTERM/SIGINT (or cancellation)."""
+    """Run the agent until SIGTERM/SIGINT (or cancellation). Bad settings are refused before anything is made."""
+    preflight(config)
     _claim(socket_path)
     agent = HostAgent(config)
     await agent.start()
