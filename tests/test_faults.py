@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ from test_engine import processes_mentioning
 pytestmark = [pytest.mark.slow, pytest.mark.root("agents make taps and bridges; the full disk is a tmpfs")]
 
 BUILTIN = {"boot_s": 0.2, "guest": "builtin"}
-HOSTED = {"boot_s": 0.2, "guest": "agent"}  # the real guest agent, with a real Ray head
+GUEST_TMP = f"/tmp/hf-{os.getpid()}"  # this run's hosted guests' disks (other runs on this machine have theirs)
+HOSTED = {"boot_s": 0.2, "guest": "agent", "guest_tmp": GUEST_TMP}  # the real guest agent, with a real Ray head
 NET = 20 + os.getpid() % 200  # this run's subnet, 10.249.NET.0/24: its taps are hth0af9<NET>..
 MATRIX: list[tuple[str, str, str, float]] = []
 
@@ -75,9 +77,11 @@ def fleet(tmp_path_factory, request):
     for step in (["link", "add", bridge, "type", "bridge"], ["addr", "add", f"10.249.{NET}.1/24", "dev", bridge],
                  ["link", "set", bridge, "up"]):
         subprocess.run(["ip", *step], check=True, capture_output=True)
+    Path(GUEST_TMP).mkdir(mode=0o700)
     started = time.monotonic()
     yield {"root": root, "image": image, "bridge": bridge}
     subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+    shutil.rmtree(GUEST_TMP, ignore_errors=True)
     width = max((len(f) for f, *_ in MATRIX), default=5)
     lines = [f"\nfault matrix ({len(MATRIX)} faults, {time.monotonic() - started:.0f} s):",
              f"  {'fault':<{width}}  {'s':>5}  leaks  outcome"]
@@ -94,7 +98,6 @@ class Lab:
         self.network = HostNetwork(bridge=fleet["bridge"], subnet=f"10.249.{NET}.0/24")
         self.host: Host | None = None
         self.clusters: list[Path] = []
-        self.disks_before = set(Path("/tmp").glob("hg-*"))
 
     def start(self, **env: str) -> Host:
         host = self.agents.start("a", root=self.fleet["root"], bridge=self.fleet["bridge"],
@@ -140,9 +143,8 @@ class Lab:
             found += [f"process {p}" for p in processes_mentioning(f"{cluster}/")]
             found += [f"file {p}" for p in cluster.rglob("*")
                       if not p.is_dir() and p.name != "head.log" and not str(p).startswith(f"{cluster}/h/")]
-        disks = set(Path("/tmp").glob("hg-*")) - self.disks_before  # hosted guests' own disks (their Ray's)
-        found += [f"guest disk {d}" for d in disks] + [f"guest process {p}" for d in disks
-                                                       for p in processes_mentioning(str(d))]
+        found += [f"guest disk {d}" for d in Path(GUEST_TMP).glob("hg-*")]  # hosted guests' own (their Ray's)
+        found += [f"guest process {p}" for p in processes_mentioning(f"{GUEST_TMP}/")]
         return found
 
     def settle(self, within: float = 20.0) -> list[str]:

@@ -38,6 +38,7 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
                     agent inside the stand-in, light enough for many VMs' worth of stand-ins on one machine:
                     the benchmarks), or the argv of a guest program (default: none; the guest idles until
                     powered off). Whatever it is lives in a process group of its own, which ends with the VM.
+    guest_tmp       where the "agent" guest's own disk (its Ray's files) is made, as hg-* (default /tmp)
     join_s          the builtin guest's time from hello to ready, as a Ray join would take (default 0)
     poweroff_after  the builtin guest powers off this many seconds after it joined (default: never)
     version         what vmm.ping reports (default "v53.0")
@@ -284,7 +285,8 @@ class StandIn:
             argv = [sys.executable, importlib.util.find_spec("guest.agent").origin]
             env["HEARTH_GUEST_HOSTED"] = config["vsock"]["socket"]
             env["HEARTH_GUEST_BOOTED_AT"] = repr(time.time())
-            self.guest_disk = tempfile.mkdtemp(prefix="hg-", dir="/tmp")  # the VM's own disk: gone with the VM
+            # the VM's own disk: gone with the VM (short: Ray's socket paths live under it)
+            self.guest_disk = tempfile.mkdtemp(prefix="hg-", dir=self.settings.get("guest_tmp", "/tmp"))
             env["HEARTH_GUEST_TMP"] = self.guest_disk
         serial = config.get("serial", {})
         out = open(serial["file"], "ab") if serial.get("mode") == "File" else subprocess.DEVNULL
