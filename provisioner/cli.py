@@ -21,7 +21,7 @@ from provisioner.errors import HearthError, SpecError
 from provisioner.progress import ProgressLine, profile_table
 from provisioner.spec import cluster_spec, default_backend
 from provisioner.hosts import load_inventory
-from provisioner.supervisor import alive, read_state, state_root
+from provisioner.supervisor import alive, read_state, state_root, supervisor_of
 from vfio.cli import app as vfio_app
 
 app = typer.Typer(help="hearth: a notebook cell becomes a GPU cluster of Cloud Hypervisor microVMs joined by Ray.",
@@ -136,12 +136,14 @@ def down(name: NameOption = DEFAULT_NAME, timeout: Annotated[float, typer.Option
     if state.get("owner") == "kernel":  # its pid is the kernel's: SIGTERM would end the user's kernel
         _fail(f"cluster {name} belongs to a notebook kernel (pid {state['pid']}): close it there with "
               "cluster.close(); `hearth down` stops the clusters `hearth up` started", 1)
-    os.kill(state["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while alive(state):
-        if time.monotonic() > deadline:
+    supervisor = supervisor_of(state_root() / name, state)
+    if supervisor is None:  # it ended meanwhile, or its pid now belongs to another process: signal nothing
+        console.print(f"cluster {name} is not running (its supervisor, pid {state['pid']}, has ended)")
+        return
+    with supervisor:
+        supervisor.signal(signal.SIGTERM)
+        if not supervisor.wait(timeout):
             _fail(f"cluster {name}'s supervisor (pid {state['pid']}) did not stop within {timeout:g} s", 1)
-        time.sleep(0.1)
     console.print(f"cluster {name} is down")
 
 

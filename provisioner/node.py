@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from vfio.address import parse_address
 
 NODE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # it names sockets, taps' owners, directories and Ray labels
+NODE_UID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a boot attempt's own name (the agent matches it in queries)
 
 
 class GpuRequest(BaseModel):
@@ -80,6 +81,13 @@ class NodeSpec(BaseModel):
     def _id(cls, value: str) -> str:
         if not NODE_ID.fullmatch(value):
             raise ValueError("a node id is up to 63 lower-case letters, digits and '-'")
+        return value
+
+    @field_validator("uid")
+    @classmethod
+    def _uid(cls, value: str) -> str:
+        if not NODE_UID.fullmatch(value):
+            raise ValueError("a boot attempt's uid is 1 to 64 letters, digits, '_' and '-' (the engine makes one)")
         return value
 
     @field_validator("cpus")

@@ -16,6 +16,7 @@ Backend = Literal["local", "cloud-hypervisor", "qemu"]
 _LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
 RESERVED_LABEL_PREFIXES = ("hearth.io/", "ray.io/")
+MAX_BOOT_TIMEOUT = 86400.0  # what a host agent accepts as a boot's budget
 
 
 class ClusterSpec(BaseModel):
@@ -67,8 +68,9 @@ class ClusterSpec(BaseModel):
     @field_validator("boot_timeout")
     @classmethod
     def _timeout(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("boot_timeout is in seconds and must be positive")
+        if not 0 < value <= MAX_BOOT_TIMEOUT:  # NaN fails this too
+            raise ValueError(f"boot_timeout is in seconds, more than 0 and at most {MAX_BOOT_TIMEOUT:g} (a day): "
+                             "a node that is not up by then will not be")
         return value
 
     @field_validator("labels")

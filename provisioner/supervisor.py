@@ -5,10 +5,13 @@ session of its own. The supervisor boots the cluster and keeps it: the Ray head 
 children and die with it (PR_SET_PDEATHSIG). It records what happens in DIR:
 
     spec.json     the cluster spec               events.jsonl  every node event, as it happens
-    state.json    ClusterRun.summary(), rewritten atomically on every event
+    state.json    ClusterRun.summary(), rewritten atomically on every event, and `process`: the supervisor's
+                  pid and start time (processes.recorded), so that a pid reused after it ended is never
+                  taken for it
     token         the cluster's Ray token (mode 0600; never in state.json)
 
-SIGTERM or SIGINT (what `hearth down` sends) tears the cluster down and ends the supervisor.
+SIGTERM or SIGINT (what `hearth down` sends, through a pidfd on the recorded process) tears the cluster
+down and ends the supervisor.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from provisioner.run import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
 from provisioner.files import write_atomic
+from provisioner.processes import HeldProcess, recorded, runs
 from provisioner.spec import ClusterSpec
 from provisioner.hosts import load_inventory
 
@@ -41,8 +45,15 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 
 
 def alive(state: dict[str, Any] | None) -> bool:
+    """Whether the process that wrote `state` still runs. A supervisor's state names it by pid and start time,
+    so a pid reused since it ended does not count; a kernel's names its pid only."""
     if not state or not state.get("pid"):
         return False
+    if isinstance(state.get("process"), dict):
+        held = HeldProcess.recorded(state["process"])
+        if held is not None:
+            held.close()
+        return held is not None
     try:
         os.kill(state["pid"], 0)
     except ProcessLookupError:
@@ -52,6 +63,14 @@ def alive(state: dict[str, Any] | None) -> bool:
     return True
 
 
+def supervisor_of(directory: Path, state: dict[str, Any]) -> HeldProcess | None:
+    """The supervisor that wrote `state` in `directory`, held by a pidfd, if it still runs: recognised by the
+    start time it recorded, or (a state file from before it recorded one) by its command line."""
+    if isinstance(state.get("process"), dict):
+        return HeldProcess.recorded(state["process"])
+    return HeldProcess.find(state.get("pid"), runs("provisioner.supervisor", str(directory)))
+
+
 async def supervise(directory: Path) -> int:
     spec = ClusterSpec.model_validate_json((directory / "spec.json").read_text())
     hosts_file = directory / "hosts.yaml"
@@ -59,8 +78,10 @@ async def supervise(directory: Path) -> int:
     events = open(directory / "events.jsonl", "a", buffering=1)
     run: ClusterRun
 
+    me = recorded()
+
     def save() -> None:
-        write_atomic(directory / "state.json", json.dumps(run.summary(), indent=1))
+        write_atomic(directory / "state.json", json.dumps({**run.summary(), "process": me}, indent=1))
 
     def on_event(event: NodeEvent) -> None:
         events.write(event.model_dump_json() + "\n")

@@ -10,7 +10,8 @@ same way, for one node's VM, from the first check to a confirmed exit.
                       VMM's last log lines), and what the node made is removed
     stop(grace)       processes.terminate: the driver's polite step (the guest agent's "stop"), SIGTERM,
                       SIGKILL, a confirmed exit; then the driver's `_clean_up()`; a VMM that will not die
-                      leaves the node `stuck` and its resources are not released
+                      leaves the node `stuck` and its resources are not released (its owner quarantines
+                      them); `stop` again once it has gone removes them
     logs()            the serial console (kernel, initramfs, guest agent) and the VMM's own log, bounded
 
 A driver subclass supplies `vmm` (its name), `_check`, `_start`, `_polite`, `_powered_off` and `_clean_up`.
@@ -94,8 +95,9 @@ class VmDriver:
         if self.history.state not in ENDING:
             self.tracker.transition(NodeState.stopping)
         if self.process is not None and self.process.returncode is None:
-            if not await terminate(self.process, grace, polite=self._polite):
-                self.stuck = True
+            self.stuck = not await terminate(self.process, grace, polite=self._polite)
+        else:
+            self.stuck = False  # it has gone (a stuck VMM that died at last): what it held can be removed now
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def assert_nothing_left(agents, *names: str) -> None:
         assert list((agents.state(name) / "vms").iterdir()) == [], f"leases left on {name}"
         assert never_leased_twice(agents.state(name)) == {}
     links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
-    assert not [link["ifname"] for link in json.loads(links) if link["ifname"].startswith("hth")], "taps left"
+    # this file's guests are on 10.251.0.0/16 (taps hth0afb...); other runs on this machine may have their own
+    assert not [link["ifname"] for link in json.loads(links) if link["ifname"].startswith("hth0afb")], "taps left"
 
 
 def agent_http(socket_path: Path) -> httpx.Client:
@@ -291,7 +293,7 @@ def test_bad_requests_are_refused_before_anything_is_made(tmp_path, agents, run_
     for request, status, words in cases:
         response = http.put("/v1/vms/n-0", json=request)
         assert response.status_code == status and words in response.json()["error"], response.text
-    for path, words in (("/v1/vms/..%2Fetc", "is not a VM id"), ("/v1/vms/n-0?after=1&wait=nan", "finite number")):
+    for path, words in (("/v1/vms/..%2Fetc", "is not a VM id"), ("/v1/vms/n-0?after=1&wait=nan", "give a number of seconds from 0 to 60")):
         response = http.get(path)
         assert response.status_code == 400 and words in response.json()["error"], response.text
     assert not agents.vms("solo").exists() or not any(agents.vms("solo").iterdir())
@@ -317,3 +319,136 @@ def test_agent_unit_is_valid_and_keeps_vms_across_restarts(tmp_path):
     copy.write_text(unit.replace("/usr/local/bin/hearth", str(Path(sys.executable).with_name("hearth"))))
     verify = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+
+
+def as_user(uid: int, socket_path: Path, method: str, path: str, headers: dict[str, str] | None = None,
+            body: dict | None = None) -> tuple[int, dict]:
+    """One request to an agent from a process running as `uid` (a fork that drops root, so the agent's
+    SO_PEERCRED sees that uid), over plain HTTP/1.1."""
+    data = json.dumps(body).encode() if body is not None else b""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Length: {len(data)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, ask, hand the raw answer back, and leave without cleaning up
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(socket_path))
+                sock.sendall(head.encode() + data)
+                while chunk := sock.recv(65536):
+                    os.write(write, chunk)
+        except BaseException as error:  # noqa: BLE001
+            os.write(write, f"HTTP/1.1 599 child\r\n\r\n{json.dumps({'error': repr(error)})}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = b""
+    while chunk := os.read(read, 65536):
+        answer += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2] or b"{}")
+
+
+def test_controllers_see_and_touch_only_their_own(tmp_path, agents, run_dir):
+    """Two controllers, one a local user (nobody) and one root, each with the secret its lease was opened with;
+    a caller without it; root without one (an admin). Only its own, and 403 naming what is missing."""
+    root = tmp_path / "host"
+    hgx_h100(root, gpu_driver="vfio-pci")
+    host = agents.start("ids", root=root)
+    run_dir.chmod(0o711)  # nobody may reach the socket: its group is nobody's here, as `hearth` is on a host
+    os.chown(host.agent_socket, -1, 65534)
+    sock, nobody = host.agent_socket, 65534
+    image = tmp_path / "image"
+    image.mkdir()
+    for part in ("vmlinuz", "rootfs.img"):
+        (image / part).write_bytes(b"\0" * 4096)
+
+    def vm(controller: str, vm_id: str, gpu: str) -> dict:
+        node = {"id": vm_id, "uid": "u1", "host": "ids", "image": str(image), "gpus": [{"address": gpu}],
+                "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"}}
+        return {"controller": controller, "budget_s": 30, "node": node, "standin": STANDIN_GUEST}
+
+    status, bob = as_user(nobody, sock, "POST", "/v1/leases/bob?ttl=60")
+    assert status == 200 and len(bob["secret"]) >= 32 and bob["expires_in"] > 50
+    as_bob = {"X-Hearth-Controller": "bob", "X-Hearth-Secret": bob["secret"]}
+    http = agent_http(sock)
+    carol = http.post("/v1/leases/carol", params={"ttl": 60}).json()
+    as_carol = {"X-Hearth-Controller": "carol", "X-Hearth-Secret": carol["secret"]}
+    assert http.post("/v1/leases/carol", params={"ttl": 60}, headers=as_carol).json().get("secret") is None  # once
+    assert as_user(nobody, sock, "PUT", "/v1/vms/bob-0", as_bob, vm("bob", "bob-0", HGX_GPUS[0]))[0] == 201
+    assert http.put("/v1/vms/carol-0", json=vm("carol", "carol-0", HGX_GPUS[1]), headers=as_carol).status_code == 201
+
+    refused = [  # (uid, method, path, headers, body, words)
+        (nobody, "GET", "/v1/vms", {}, None, "needs controller None's identity"),
+        (nobody, "GET", "/v1/vms/carol-0", {}, None, "needs controller carol's identity"),
+        (nobody, "DELETE", "/v1/vms/carol-0", {}, None, "needs controller carol's identity"),
+        (nobody, "POST", "/v1/leases/carol?ttl=60", {}, None, "needs controller carol's identity"),
+        (nobody, "DELETE", "/v1/leases/carol", {}, None, "needs controller carol's identity"),
+        (nobody, "GET", "/v1/vms/carol-0", as_bob, None, "controller bob may not act for controller carol"),
+        (nobody, "GET", "/v1/vms/carol-0/logs", as_bob, None, "controller bob may not act for controller carol"),
+        (nobody, "DELETE", "/v1/leases/carol", as_bob, None, "controller bob may not act for controller carol"),
+        (nobody, "PUT", "/v1/vms/bob-1", as_bob, vm("carol", "bob-1", HGX_GPUS[2]), "may not act for controller carol"),
+        (nobody, "GET", "/v1/vms/carol-0", as_carol, None, "opened by uid 0, and this request comes from uid 65534"),
+        (0, "GET", "/v1/vms/bob-0", as_carol, None, "controller carol may not act for controller bob"),
+        (0, "GET", "/v1/vms/bob-0", {**as_bob, "X-Hearth-Secret": "x" * 43}, None, "that is not controller bob's secret"),
+        (0, "GET", "/v1/vms/bob-0", {"X-Hearth-Controller": "bob"}, None, "send both X-Hearth-Controller and"),
+    ]
+    for uid, method, path, headers, body, words in refused:
+        status, answer = as_user(uid, sock, method, path, headers, body)
+        assert status == 403 and words in answer["error"], (method, path, status, answer)
+    assert [v["id"] for v in as_user(nobody, sock, "GET", "/v1/vms", as_bob)[1]] == ["bob-0"]
+    assert [v["id"] for v in http.get("/v1/vms", headers=as_carol).json()] == ["carol-0"]
+    assert sorted(v["id"] for v in http.get("/v1/vms").json()) == ["bob-0", "carol-0"]  # root: all
+    assert as_user(nobody, sock, "GET", "/v1/gpus")[0] == 200  # the inventory is anyone's
+    # the agent keeps the secrets' digests only, in a file only root reads, and logs neither
+    controllers = agents.state("ids") / "controllers.json"
+    assert stat.S_IMODE(controllers.stat().st_mode) == 0o600
+    kept = controllers.read_text()
+    assert json.loads(kept)["bob"]["uid"] == nobody and json.loads(kept)["carol"]["uid"] == 0
+    for secret in (bob["secret"], carol["secret"]):
+        for path in agents.state("ids").rglob("*"):
+            assert not path.is_file() or secret not in path.read_text(errors="replace"), path
+        assert secret not in Path(tmp_path / "agent-ids.log").read_text()
+    assert as_user(nobody, sock, "DELETE", "/v1/leases/bob", as_bob)[0] == 200
+    assert as_user(nobody, sock, "GET", "/v1/vms/bob-0", as_bob)[1]["state"] == "stopped"  # it may see how it ended
+    assert http.delete("/v1/leases/carol").status_code == 200  # root may end anyone's
+    assert_nothing_left(agents, "ids")
+
+
+def test_housekeeping_survives_an_error_and_still_reaps(tmp_path, capfd):
+    """The reaper's round fails (here: its first look at the leases raises); it says so, and the next round
+    ends the lapsed lease all the same."""
+    from conftest import STANDIN
+    from provisioner.agent.auth import Caller
+    from provisioner.agent.host import AgentConfig, HostAgent
+
+    async def scenario():
+        agent = HostAgent(AgentConfig(state_dir=tmp_path / "state", run_dir=tmp_path / "vms", host_root=tmp_path,
+                                      cloud_hypervisor=STANDIN))
+        expired, calls = agent.ledger.expired, []
+
+        def flaky() -> list[str]:
+            calls.append(1)
+            if len(calls) == 2:  # the first round's (the one at start is the recovery's)
+                raise RuntimeError("injected: the ledger could not be read")
+            return expired()
+
+        agent.ledger.expired = flaky
+        await agent.start()
+        await agent.lease("short", 1, Caller(uid=0))
+        started = time.monotonic()
+        while agent.ledger.controllers and time.monotonic() - started < 10:
+            await asyncio.sleep(0.1)
+        await agent.close()
+        return len(calls), agent.ledger.controllers
+
+    rounds, controllers = asyncio.run(scenario())
+    assert rounds >= 3 and controllers == {}
+    err = capfd.readouterr().err
+    assert "housekeeping failed (it runs again in a second)" in err and "injected: the ledger" in err

@@ -4,7 +4,10 @@ The real run takes a throwaway host root (an HGX-shaped sysfs tree, the kernel's
 and a network namespace of its own (the bridge, forwarding and routes are made there), connection local,
 twice: the second run must change nothing. What cannot run here (GRUB, reboots, users, sshd, systemd: the
 machine has no systemd and must not be changed) runs in check mode against this machine's real root, which
-shows what would change, including the reboot, and changes nothing."""
+shows what would change, including the reboot, and changes nothing. The host agent's role, which needs a real root
+(users, their home, sshd), also runs for real on this machine's own root, seen through overlays in a mount
+namespace of its own, so that nothing of the machine changes: then sshd takes the result and a controller's
+key forwards to the agent's socket."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,4 +160,114 @@ def test_check_mode_over_ssh_on_this_machine_shows_the_reboot_and_changes_nothin
                      result.stdout)
     assert recap(result.stdout)["failed"] == 0
     assert {p: p.exists() for p in before} == before
+    assert subprocess.run(["getent", "passwd", "hearth"], capture_output=True).returncode != 0
+
+
+NAMESPACE_RUN = r"""
+set -eu
+work=$1
+for dir in /etc /var/lib /usr/local /run; do  # this machine's own, seen through a writable layer that goes
+    name=$(echo "$dir" | tr / _)                # with this mount namespace: the role writes there for real
+    mkdir -p "$work/upper$name" "$work/work$name"
+    mount -t overlay overlay -o "lowerdir=$dir,upperdir=$work/upper$name,workdir=$work/work$name" "$dir"
+done
+cd "$2"
+ansible-playbook -i "$work/inventory.json" "$work/agent.yml" > "$work/first.out" 2>&1 || { echo FAILED first; exit 1; }
+ansible-playbook -i "$work/inventory.json" "$work/agent.yml" > "$work/second.out" 2>&1 || { echo FAILED second; exit 1; }
+/usr/sbin/sshd -t > "$work/sshd-t.out" 2>&1 || { echo FAILED sshd -t; exit 1; }
+# what the agent's unit makes at start: /run/hearth (root:hearth 0750) and the socket (0660); an echo stands in
+install -d -m 0750 -g hearth /run/hearth
+python3 -c '
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind("/run/hearth/agent.sock")
+os.chown("/run/hearth/agent.sock", 0, int(sys.argv[1])); os.chmod("/run/hearth/agent.sock", 0o660); s.listen()
+while True:
+    c, _ = s.accept(); c.sendall(c.recv(100).upper()); c.close()
+' "$(getent group hearth | cut -d: -f3)" &
+echo=$!
+/usr/sbin/sshd -D -e -p "$3" -o ListenAddress=127.0.0.1 -o PidFile="$work/sshd.pid" > "$work/sshd.log" 2>&1 &
+sshd=$!
+echo READY > "$work/ready"
+while [ ! -e "$work/done" ]; do sleep 0.1; done
+kill $sshd $echo
+id hearth > "$work/id.out"
+stat -c '%n %U %G %a' /var/lib/hearth/home /var/lib/hearth/home/.ssh /var/lib/hearth/home/.ssh/authorized_keys > "$work/stat.out"
+"""
+
+
+def test_the_agent_role_runs_for_real_on_this_machines_root_and_lets_only_forwarding_in(tmp_path):
+    """The hearth_agent role with what only a real root has (the group and user controllers log in as, their
+    home and .ssh, the authorised keys, sshd's config), run for real on this machine's own root, seen through
+    overlays in a mount namespace of its own so that the machine does not change: twice (the second changes
+    nothing); sshd accepts the result; and a controller's key, logged in as that user, reaches the agent's
+    socket through a forward and gets no shell."""
+    import asyncio
+    import socket as sockets
+
+    import asyncssh
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "controller_key").write_bytes(key.export_private_key())
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False,
+            "hearth_host_root": "/", "hearth_install_venv": str(VENV), "hearth_install_package": "hearth",
+            "hearth_network_subnet": "10.253.1.0/24",
+            "hearth_agent_controller_keys": [key.export_public_key().decode().strip() + " controller@notebook"]}
+    (tmp_path / "inventory.json").write_text(json.dumps({"hearth_hosts": {"hosts": {"ci": host}}}))
+    (tmp_path / "agent.yml").write_text("- name: The host agent's role\n  hosts: hearth_hosts\n  roles:\n"
+                                        "    - role: hearth_agent\n")
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = {p: p.exists() for p in (Path("/var/lib/hearth/home"), Path("/etc/hearth/agent.env"),
+                                      Path("/etc/ssh/sshd_config.d/hearth.conf"))}
+    inside = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", NAMESPACE_RUN, "run",
+                               str(tmp_path), str(ANSIBLE), str(port)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "ready").exists():
+            if inside.poll() is not None or time.monotonic() > deadline:
+                out = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.out"))
+                pytest.fail(f"{inside.stdout.read()}\n{out}")
+            time.sleep(0.2)
+
+        async def controller() -> tuple[bytes, int | None, str, str]:
+            connection = await asyncssh.connect("127.0.0.1", port=port, username="hearth", client_keys=[key],
+                                                known_hosts=None)
+            async with connection:
+                local = str(tmp_path / "fwd.sock")
+                listener = await connection.forward_local_path(local, "/run/hearth/agent.sock")
+                reader, writer = await asyncio.open_unix_connection(local)
+                writer.write(b"hello agent")
+                echoed = await asyncio.wait_for(reader.read(100), 10)
+                writer.close()
+                listener.close()
+                shell = await connection.run("id", check=False)
+                try:  # a TCP forward, to anywhere
+                    await connection.open_connection("127.0.0.1", port)
+                    tcp = "opened"
+                except asyncssh.ChannelOpenError as error:
+                    tcp = error.reason
+                return echoed, shell.exit_status, shell.stdout + shell.stderr, tcp
+
+        echoed, status, said, tcp = asyncio.run(controller())
+    finally:
+        (tmp_path / "done").touch()
+        inside.wait(60)
+    assert inside.returncode == 0, inside.stdout.read()
+    first, second = (tmp_path / "first.out").read_text(), (tmp_path / "second.out").read_text()
+    assert recap(first)["failed"] == 0 and recap(first)["changed"] >= 5, first[-3000:]
+    assert recap(second) | {"ok": 0} == {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}, second[-3000:]
+    assert echoed == b"HELLO AGENT"  # the controller's key reached the agent's socket through the forward
+    assert status != 0 and "This account is currently not available" in said  # and got no shell
+    # OpenSSH ties Unix-socket forwards to AllowTcpForwarding local, and PermitOpen cannot name a socket path:
+    # the controllers' key can forward TCP from the host too (the role's README says so). Pinned, so that a
+    # change here is seen.
+    assert tcp == "opened"
+    modes = (tmp_path / "stat.out").read_text().splitlines()
+    assert modes == ["/var/lib/hearth/home hearth hearth 750", "/var/lib/hearth/home/.ssh hearth hearth 700",
+                     "/var/lib/hearth/home/.ssh/authorized_keys hearth hearth 600"], modes
+    upper = tmp_path / "upper_etc"
+    assert "hearth:" in (upper / "passwd").read_text() and (upper / "ssh/sshd_config.d/hearth.conf").is_file()
+    assert {p: p.exists() for p in before} == before  # this machine's own root did not change
     assert subprocess.run(["getent", "passwd", "hearth"], capture_output=True).returncode != 0

@@ -1,7 +1,7 @@
 """`hearth hosts check`: reach every host's agent and judge what it reports, in one table.
 
-The agent reports facts (versions, VFIO state, GPUs, its bridge, forwarding, routes, the env images it
-keeps); the judging is done here, because only the hosts file knows the whole fleet: every host must route
+The agent reports facts (versions, VFIO state, GPUs, VMs quarantined because their VMM outlived SIGKILL, its
+bridge, forwarding, routes, the env images it keeps); the judging is done here, because only the hosts file knows the whole fleet: every host must route
 every other host's subnet (docs/networking.md).
 """
 
@@ -52,6 +52,9 @@ def problems(host: Host, info: dict[str, Any], inventory: Inventory) -> list[str
         found += [f"vfio: {p}" for p in info["vfio"]["problems"]]
     if info["gpus"]["usable"] == 0:
         found.append("no GPU is ready for VMs (hearth vfio check on the host says why)")
+    for stuck in info.get("quarantined") or []:  # agents from before quarantine do not say
+        kept = ", ".join([*stuck["gpus"], *(x for x in (stuck["tap"], stuck["address"]) if x)]) or "nothing"
+        found.append(f"quarantined: VM {stuck['vm']} keeps {kept}: {stuck['why']}")
     network = info["network"]
     subnet = host.network.subnet
     if subnet is None:

@@ -3,9 +3,13 @@
 A local host's socket is used as it is. For `ssh://user@host[:port]` the controller opens one SSH
 connection (asyncssh; the user's keys and known_hosts, or the ones the hosts file names, and host keys
 are always checked) and forwards a Unix socket in its run directory to the agent's socket on the host,
-the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon, port or secret: SSH is the
-authentication, the socket's group the authorisation. Every new HTTP connection is a new SSH channel, so
-an agent that restarts is reached again without reconnecting.
+the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon or port: SSH is the
+authentication, the socket's group the authorisation to reach the agent. Every new HTTP connection is a new
+SSH channel, so an agent that restarts is reached again without reconnecting.
+
+Which controller calls is the agent's other question (auth.py): opening a controller's lease (`renew` the
+first time) answers a secret, which the client keeps in memory only (`identity`) and sends with every
+request after; a client made again for the same controller (a new SSH connection) carries it over.
 
 `send_env` delivers an env image (envimage.py) the same way through either: it asks the host what it has and
 streams only what is missing from the file, resuming from the host's count after a dropped connection.
@@ -25,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from provisioner.agent.auth import CONTROLLER_HEADER, SECRET_HEADER
 from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.errors import AgentRefused, AgentUnreachable
 from provisioner.hosts import Host
@@ -51,6 +56,19 @@ class AgentClient:
         self._closers = list(closers)
         self.calls = 0
         self.calls_by_purpose: Counter[str] = Counter()  # what each request was for (the benchmark reports it)
+        self.identity: tuple[str, str] | None = None  # (controller, secret) once its lease is open; never logged
+
+    @property
+    def identity(self) -> tuple[str, str] | None:
+        return self._identity
+
+    @identity.setter
+    def identity(self, value: tuple[str, str] | None) -> None:
+        self._identity = value
+        for header in (CONTROLLER_HEADER, SECRET_HEADER):
+            self._http.headers.pop(header, None)
+        if value is not None:
+            self._http.headers.update({CONTROLLER_HEADER: value[0], SECRET_HEADER: value[1]})
 
     async def info(self, image: Path | None = None) -> dict[str, Any]:
         return await self._call("GET", "/v1/info", params={"image": str(image)} if image else None)
@@ -78,7 +96,12 @@ class AgentClient:
         return await self._call("DELETE", f"/v1/vms/{vm_id}", params={"grace": grace}, timeout=grace + 60)
 
     async def renew(self, controller: str, ttl: float) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/leases/{controller}", params={"ttl": ttl})
+        """Open the controller's lease (the agent answers its secret, kept as `identity`) or renew it."""
+        lease = await self._call("POST", f"/v1/leases/{controller}", params={"ttl": ttl})
+        secret = lease.pop("secret", None)
+        if secret is not None:  # a new lease (or one the agent opened again after it lapsed): its new secret
+            self.identity = (controller, secret)
+        return lease
 
     async def release(self, controller: str) -> dict[str, Any]:
         return await self._call("DELETE", f"/v1/leases/{controller}", timeout=120)

@@ -2,8 +2,14 @@
 
 The socket is mode 0660, owned by root and `--group` (default `hearth`, when that group exists): admins
 and the controllers' SSH user are in it; nobody else can reach the agent, and there is no TCP listener.
-A remote controller reaches the socket through SSH (see client.py). SIGTERM or SIGINT ends the agent and
-leaves its VMs running, for the next agent to adopt.
+A remote controller reaches the socket through SSH (see client.py). Who calls, and what each caller may do,
+is auth.py's: every request carries its caller, from the socket's peer credentials and the controller's
+secret. SIGTERM or SIGINT ends the agent and leaves its VMs running, for the next agent to adopt.
+
+Every input is checked before it is used: ids and names against strict patterns before any path is built,
+numbers finite and bounded (LIMITS), query parameters known to their endpoint, bodies at most MAX_BODY bytes
+(an env image upload streams instead, bounded by its declared size). A refusal is JSON, {"error": "..."},
+naming the problem and the fix.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,86 +32,121 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioner.agent.envstore import SIZE_HEADER
-from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
+from provisioner.agent.auth import Caller, check_controller, identify, peer_uid
+from provisioner.agent.envstore import MAX_SIZE, SIZE_HEADER
+from provisioner.agent.host import AgentConfig, CreateVm, HostAgent, preflight
+from provisioner.agent.ledger import MAX_TTL_S, MIN_TTL_S
 from provisioner.errors import AgentError, HearthError, SpecError, VmmError, validated
 from provisioner.events import NodeState
-from provisioner.node import NODE_ID
+from provisioner.node import NODE_ID, NODE_UID
 
-
+MAX_BODY = 1 << 20  # a VM request is a few KiB; env images stream (PUT /v1/envs) and are bounded by their size
+MAX_WAIT_S = 60.0  # a long poll; the controller asks again
 MAX_GRACE_S = 120.0  # a stop's polite part; after it, SIGTERM and SIGKILL
-MAX_TTL_S = 3600.0  # a controller lease that is never renewed ends within this: no VM is immortal
+MAX_EVENTS = 10_000  # `after`: far more events than a VM's life has
+IMAGE = re.compile(r"/[^\0]{0,4095}")
+# Each query parameter an endpoint takes: (lowest, highest, default); None for the ones that are not numbers
+LIMITS: dict[str, tuple[float, float, float]] = {
+    "wait": (0, MAX_WAIT_S, 0), "after": (0, MAX_EVENTS, 0), "grace": (0, MAX_GRACE_S, 5),
+    "ttl": (MIN_TTL_S, MAX_TTL_S, 30), "offset": (0, MAX_SIZE, 0), "size": (0, MAX_SIZE, 0),
+}
+INTEGERS = {"after", "offset", "size"}
 
 
 def app(agent: HostAgent) -> web.Application:
     envs = agent.envs
     routes = web.RouteTableDef()
 
+    def caller(request: web.Request) -> Caller:
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        return identify(peer_uid(sock), request.headers, agent.ledger.controllers, agent.ledger.retired)
+
     @routes.get("/v1/info")
     async def info(request: web.Request) -> web.Response:
+        _known(request, "image")
         image = request.query.get("image")
+        if image is not None and (not IMAGE.fullmatch(image) or "/../" in f"{image}/"):
+            raise AgentError(f"image {image[:80]!r} is not an absolute path without '..': name the guest image "
+                             "directory as the hosts have it")
         return _json(await asyncio.to_thread(agent.info, Path(image) if image else None))
 
     @routes.get("/v1/gpus")
     async def gpus(request: web.Request) -> web.Response:
+        _known(request)
         return _json(await asyncio.to_thread(agent.gpus))
 
     @routes.get("/v1/vms")
     async def vms(request: web.Request) -> web.Response:
-        return _json(agent.list_vms())
+        _known(request)
+        return _json(agent.list_vms(caller(request)))
 
     @routes.put("/v1/vms/{id}")
     async def create(request: web.Request) -> web.Response:
+        _known(request)
+        vm_id = _vm_id(request)
         try:
             data = await request.json()
         except ValueError:
-            raise AgentError("the request body is not JSON") from None
-        return _json(await agent.create_vm(_vm_id(request), validated(CreateVm, data, "VM request")), status=201)
+            raise AgentError("the request body is not JSON: send the VM request as a JSON object") from None
+        return _json(await agent.create_vm(vm_id, validated(CreateVm, data, "VM request"), caller(request)), status=201)
 
     @routes.get("/v1/vms/{id}")
     async def get(request: web.Request) -> web.Response:
-        after, wait = _number(request, "after", 0), _number(request, "wait", 0)
-        return _json(await agent.watch(_vm_id(request), int(after), min(wait, 60), request.query.get("uid"),
-                                       _state(request.query.get("until"))))
+        _known(request, "after", "wait", "uid", "until")
+        vm_id, uid = _vm_id(request), request.query.get("uid")
+        if uid is not None and not NODE_UID.fullmatch(uid):
+            raise AgentError(f"uid {uid[:80]!r} is not a boot attempt's uid: 1 to 64 letters, digits, '_', '-'")
+        return _json(await agent.watch(vm_id, int(_number(request, "after")), _number(request, "wait"), uid,
+                                       caller(request), _state(request.query.get("until"))))
 
     @routes.get("/v1/vms/{id}/logs")
     async def logs(request: web.Request) -> web.Response:
-        return _json(await asyncio.to_thread(agent.logs, _vm_id(request)))
+        _known(request)
+        return _json(agent.logs(_vm_id(request), caller(request)))
 
     @routes.delete("/v1/vms/{id}")
     async def delete(request: web.Request) -> web.Response:
-        return _json(await agent.delete_vm(_vm_id(request), min(_number(request, "grace", 5), MAX_GRACE_S)))
+        _known(request, "grace")
+        return _json(await agent.delete_vm(_vm_id(request), _number(request, "grace"), caller(request)))
 
     @routes.post("/v1/leases/{controller}")
     async def renew(request: web.Request) -> web.Response:
-        return _json(agent.renew(request.match_info["controller"], min(max(1.0, _number(request, "ttl", 30)), MAX_TTL_S)))
+        _known(request, "ttl")
+        controller = check_controller(request.match_info["controller"])
+        return _json(await agent.lease(controller, _number(request, "ttl"), caller(request)))
 
     @routes.delete("/v1/leases/{controller}")
     async def release(request: web.Request) -> web.Response:
-        await agent.release(request.match_info["controller"])
-        return _json({"released": request.match_info["controller"]})
+        _known(request)
+        controller = check_controller(request.match_info["controller"])
+        await agent.release(controller, caller=caller(request))
+        return _json({"released": controller})
 
     @routes.get("/v1/envs")
     async def env_images(request: web.Request) -> web.Response:
+        _known(request)
         return _json(envs.list())
 
     @routes.get("/v1/envs/{sha256}")
     async def env_image(request: web.Request) -> web.Response:
-        return _json(envs.get(request.match_info["sha256"], int(_number(request, "size", 0)) or None))
+        _known(request, "size")
+        return _json(envs.get(request.match_info["sha256"], int(_number(request, "size")) or None))
 
     @routes.put("/v1/envs/{sha256}")
     async def env_upload(request: web.Request) -> web.Response:
+        _known(request, "offset")
         size = request.headers.get(SIZE_HEADER, "")
-        if not size.isdigit():
+        if not size.isdigit() or len(size) > 15:
             raise AgentError(f"an env image upload needs the image's whole size in the {SIZE_HEADER} header")
-        return _json(await envs.receive(request.match_info["sha256"], int(_number(request, "offset", 0)), int(size),
+        return _json(await envs.receive(request.match_info["sha256"], int(_number(request, "offset")), int(size),
                                         request.content.iter_chunked(1 << 20), request.content_length))
 
     @routes.delete("/v1/envs/{sha256}")
     async def env_delete(request: web.Request) -> web.Response:
+        _known(request)
         return _json(envs.delete(request.match_info["sha256"], agent.envs_in_use()))
 
-    application = web.Application(middlewares=[_errors])
+    application = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
     application.add_routes(routes)
     return application
 
@@ -117,6 +159,14 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _json({"error": str(error)}, status=error.status)
     except SpecError as error:
         return _json({"error": str(error)}, status=400)
+    except web.HTTPRequestEntityTooLarge:
+        return _json({"error": f"the request body is over {MAX_BODY} bytes: a VM request is a few KiB (env images "
+                               "go to PUT /v1/envs/{sha256}, streamed)"}, status=413)
+    except web.HTTPException as error:  # no such route or method: say so in JSON, as every refusal is
+        if error.status < 400:
+            raise
+        return _json({"error": f"{request.method} {request.path[:200]}: {error.reason} (the API is listed in "
+                               "provisioner/agent/__init__.py)"}, status=error.status)
     except (VmmError, HearthError, OSError) as error:
         return _json({"error": str(error)}, status=502)
 
@@ -142,19 +192,38 @@ def _state(value: str | None) -> NodeState | None:
         raise AgentError(f"query parameter until must be a node state ({', '.join(s.value for s in NodeState)})") from None
 
 
-def _number(request: web.Request, name: str, default: float) -> float:
+def _known(request: web.Request, *names: str) -> None:
+    """Refuse a query parameter the endpoint does not take (a typo would otherwise be ignored)."""
+    unknown = sorted(set(request.query) - set(names))
+    if unknown:
+        takes = f"it takes {', '.join(names)}" if names else "it takes none"
+        raise AgentError(f"unknown query parameter {unknown[0][:40]!r} for {request.method} "
+                         f"{request.match_info.route.resource.canonical if request.match_info.route.resource else request.path}: {takes}")
+    for name in names:
+        if len(request.query.getall(name, [])) > 1:
+            raise AgentError(f"query parameter {name} is given more than once")
+
+
+def _number(request: web.Request, name: str) -> float:
+    """A numeric query parameter, finite and within LIMITS[name] (an integer where it counts things)."""
+    low, high, default = LIMITS[name]
+    text = request.query.get(name)
+    if text is None:
+        return default
     try:
-        value = float(request.query.get(name, default))
+        value = int(text) if name in INTEGERS else float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise AgentError(f"query parameter {name} must be a finite number of at least 0")
+    if not math.isfinite(value) or not low <= value <= high:
+        kind = "a whole number" if name in INTEGERS else "a number of seconds"
+        raise AgentError(f"query parameter {name}={text[:40]!r}: give {kind} from {low:g} to {high:g}")
     return value
 
 
 async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hearth",
                 ready: asyncio.Event | None = None) -> None:
-    """Run the agent until SIGTERM/SIGINT (or cancellation)."""
+    """Run the agent until SIGTERM/SIGINT (or cancellation). Bad settings are refused before anything is made."""
+    preflight(config)
     _claim(socket_path)
     _warm_up()
     agent = HostAgent(config)

@@ -19,7 +19,18 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
     boot_s          seconds, or {"median", "sigma", "straggler_p", "straggler_x"}: log-normal boot time
                     with a fraction straggler_p of boots straggler_x times slower (default 0.05)
     seed            for the latency draw (default: random)
-    fault           "boot-fails" | "crash-mid-boot" | "hang:<endpoint>" | "slow-boot"
+    fault           one of FAULTS, or none (an unknown name stops the stand-in before it serves):
+                      "boot-fails"      vm.boot answers CH's error for vCPUs that do not start
+                      "crash-mid-boot"  the process exits (status 101) half-way through vm.boot
+                      "hang:<endpoint>" that endpoint (e.g. vm.create) never answers
+                      "slow-boot"       vm.boot takes slow_x times as long
+                      "ignore-sigterm"  a wedged VMM: SIGTERM and the power button do nothing, and it stays up
+                                        when its guest powers off; only SIGKILL ends it
+                      "silent-guest"    the builtin guest never connects: the VM boots, no hello ever comes
+                      "garbage-guest"   the builtin guest first sends what no guest agent would (an oversized
+                                        line, bytes that are not UTF-8, JSON that is not an object, unknown
+                                        ops, a ready before its hello, more connections than a guest needs),
+                                        then behaves
     slow_x          how much slower "slow-boot" is (default 20)
     guest           what runs once the VM booted: "agent" (hearth's real guest agent, guest/agent.py, run on
                     this host in its hosted mode: vsock as CH maps it to Unix sockets, no mounts, no network
@@ -27,6 +38,7 @@ Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON obje
                     agent inside the stand-in, light enough for many VMs' worth of stand-ins on one machine:
                     the benchmarks), or the argv of a guest program (default: none; the guest idles until
                     powered off). Whatever it is lives in a process group of its own, which ends with the VM.
+    guest_tmp       where the "agent" guest's own disk (its Ray's files) is made, as hg-* (default /tmp)
     join_s          the builtin guest's time from hello to ready, as a Ray join would take (default 0)
     poweroff_after  the builtin guest powers off this many seconds after it joined (default: never)
     version         what vmm.ping reports (default "v53.0")
@@ -72,6 +84,8 @@ API_ROOT = "/api/v1"  # as provisioner.ch.spec has it; that module is imported o
 HEARTBEAT_S = 2.0  # as the real guest agent (guest/agent.py) sends them
 
 VM_NOT_CREATED = "VM is not created"
+FAULTS = ("boot-fails", "crash-mid-boot", "hang:<endpoint>", "slow-boot", "ignore-sigterm", "silent-guest",
+          "garbage-guest")
 
 
 class ApiError(Exception):
@@ -172,7 +186,9 @@ class StandIn:
         self._need_vm("The VM could not be powered off")
         self._need_running("The VM could not be powered off")
         self.say("power button pressed")
-        if self.guest is not None:
+        if self.fault == "ignore-sigterm":
+            self.say("fault injected: the VMM is wedged, the power button does nothing")
+        elif self.guest is not None:
             self.guest.send_signal(signal.SIGTERM)  # the guest's ACPI handler: a clean shutdown
         else:
             threading.Timer(0.05, self._guest_gone, args=(0,)).start()
@@ -276,7 +292,8 @@ class StandIn:
             argv = [sys.executable, importlib.util.find_spec("guest.agent").origin]
             env["HEARTH_GUEST_HOSTED"] = config["vsock"]["socket"]
             env["HEARTH_GUEST_BOOTED_AT"] = repr(time.time())
-            self.guest_disk = tempfile.mkdtemp(prefix="hg-", dir="/tmp")  # the VM's own disk: gone with the VM
+            # the VM's own disk: gone with the VM (short: Ray's socket paths live under it)
+            self.guest_disk = tempfile.mkdtemp(prefix="hg-", dir=self.settings.get("guest_tmp", "/tmp"))
             env["HEARTH_GUEST_TMP"] = self.guest_disk
         serial = config.get("serial", {})
         out = open(serial["file"], "ab") if serial.get("mode") == "File" else subprocess.DEVNULL
@@ -297,7 +314,9 @@ class StandIn:
             self.state = "Shutdown"
             self.guest = None
         self.event("vm", "shutdown")
-        if not self.no_shutdown:
+        if self.fault == "ignore-sigterm":
+            self.say("fault injected: the VMM is wedged, it does not end with its guest")
+        elif not self.no_shutdown:
             self.exit(0)
 
     def _stop_guest(self) -> None:
@@ -334,6 +353,12 @@ class _BuiltinGuest(threading.Thread):
         path = self.config["vsock"]["socket"] + "_1024"
         hello = {"op": "hello", "node": oem.get("hearth-node"), "detail": "stand-in guest"}
         joined, config, deadline = False, {}, None
+        if self.vmm.fault == "silent-guest":
+            self.vmm.say("fault injected: the guest never says hello")
+            self.halt.wait()
+            return
+        if self.vmm.fault == "garbage-guest":
+            self._garbage(path)
         while not self.halt.is_set():
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -375,6 +400,29 @@ class _BuiltinGuest(threading.Thread):
                     continue
             return True
         return False
+
+    def _garbage(self, path: str) -> None:
+        """What no guest agent sends, each of which the host end of the channel must skip, and stay up."""
+        self.vmm.say("fault injected: the guest sends garbage first")
+        lines = (b"\xff\xfe\x00 not UTF-8, not JSON\n[1, 2, 3]\n\"a string\"\nnull\n{\"op\": 42}\n"
+                 b"{\"op\": \"ready\"}\n{\"op\": \"launch-missiles\"}\n{\"op\": \"heartbeat\"\n")
+        for payload in (lines, b"x" * ((1 << 20) + 16)):  # the second: a line over the channel's cap
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(2.0)
+                with contextlib.suppress(OSError):
+                    sock.recv(1)  # the host closes it (the cap) or ignores it: either way, on
+        extra = []
+        for _ in range(8):  # more connections than a guest needs, all at once
+            with contextlib.suppress(OSError):
+                extra.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                extra[-1].connect(path)
+        time.sleep(0.2)
+        for sock in extra:
+            sock.close()
+        time.sleep(0.3)  # the host end notices they went
 
     @staticmethod
     def _send(stream, message: dict[str, Any]) -> None:
@@ -422,6 +470,22 @@ def _vfio_problem(path: str) -> str | None:
     if not os.path.exists(os.path.join(root, "dev/vfio", group)):
         return f"Failed to open VFIO group /dev/vfio/{group}: No such file or directory (os error 2)"
     return None
+
+
+def _check_fault(fault: Any) -> None:
+    """Refuse a fault the stand-in does not know (a typo would otherwise boot a healthy VM)."""
+    if fault is None or fault in FAULTS:
+        return
+    if isinstance(fault, str) and fault.startswith("hang:"):
+        method_and_name = [(m, fault[5:]) for m in ("GET", "PUT")]
+        for method, name in method_and_name:
+            with contextlib.suppress(KeyError):
+                spec.endpoint(method, name)
+                return
+        raise SystemExit(f"cloud-hypervisor-standin: fault {fault!r}: the spec has no endpoint {fault[5:]!r} "
+                         "(e.g. hang:vm.create)")
+    raise SystemExit(f"cloud-hypervisor-standin: unknown fault {fault!r} in HEARTH_STANDIN: use one of "
+                     + ", ".join(FAULTS))
 
 
 def _open_target(value: str, mode: str):
@@ -547,6 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", action="count", default=0)
     args = parser.parse_args(argv)
     settings = json.loads(os.environ.get("HEARTH_STANDIN") or "{}")
+    _check_fault(settings.get("fault"))
     vmm = StandIn(args, settings)
     vmm.event("vmm", "starting")
     kind, _, target = args.api_socket.partition("=")
@@ -557,7 +622,10 @@ def main(argv: list[str] | None = None) -> None:
         os.unlink(target)
     server = _Server(target, _handler(vmm))
     vmm.say(f"serving the API on {target} (seccomp={args.seccomp} is not applied by the stand-in)")
-    signal.signal(signal.SIGTERM, lambda *_: (vmm._stop_guest(), vmm.exit(0)))  # CH exits cleanly on SIGTERM
+    if vmm.fault == "ignore-sigterm":
+        signal.signal(signal.SIGTERM, lambda *_: vmm.say("fault injected: SIGTERM ignored"))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: (vmm._stop_guest(), vmm.exit(0)))  # CH exits cleanly on SIGTERM
     try:
         server.serve_forever(poll_interval=1.0)  # it only checks for shutdown(), which the stand-in never calls
     finally:

@@ -165,12 +165,13 @@ class ChVm(VmDriver):
         raise VmmExited(f"during {endpoint}: {self.exit_detail or 'cloud-hypervisor exited'}")
 
     # -- adoption (a restarted host agent) ---------------------------------------------------------
-    async def adopt(self, pid: int, *, made_tap: bool) -> None:
-        """Take over a VMM an earlier agent started (it runs, `vm.boot` had answered): watch its process,
-        serve its guest channel again. Its event monitor went with the earlier agent; `VmmExited` if the
-        process is gone or does not answer as a running VM (the caller then cleans up)."""
+    async def adopt(self, process: AdoptedProcess, *, made_tap: bool) -> None:
+        """Take over a VMM an earlier agent started (it runs, `vm.boot` had answered), held by its pidfd
+        (`AdoptedProcess.adopt`): watch its process, serve its guest channel again. Its event monitor went
+        with the earlier agent; `VmmExited` if the process is gone or does not answer as a running VM (the
+        caller then cleans up)."""
         self._tap_made = made_tap
-        self.process = AdoptedProcess(pid)
+        self.process = process
         self._watch()
         self.client = ChClient(str(self.api_socket), timeout=self.api_timeout)
         info = await self.client.info()
@@ -239,11 +240,3 @@ class ChVm(VmDriver):
         with contextlib.suppress(OSError):
             self.dir.rmdir()
 
-
-def vmm_pid_matches(pid: int, api_socket: Path) -> bool:
-    """Whether `pid` is still the VMM serving `api_socket` (and not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"path={api_socket}".encode() in cmdline
