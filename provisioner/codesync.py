@@ -222,11 +222,10 @@ def _forget(directories: list[str]) -> None:
 
 
 def _fetch(version: str) -> Path:
-    base = Path(tempfile.gettempdir()) / f"hearth-code-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    info = base.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{base} is not this user's own: code there could be swapped")
+    from provisioner.userdirs import private_dir
+
+    base = private_dir(Path(tempfile.gettempdir()) / f"hearth-code-{os.geteuid()}", what="code directory",
+                       fix="Remove it (as root if another user made it): code there could be swapped.")
     directory = base / version
     if directory.is_dir():
         return directory

@@ -90,8 +90,10 @@ def test_rerun_closes_the_same_name_and_ray_follows_the_cluster_in_use(isolated,
     from provisioner import Cluster
     from provisioner.errors import SpecError
 
-    state = Path(isolated["HEARTH_STATE_DIR"]) / "clusters"
-    (state / "taken").mkdir(parents=True)
+    from provisioner.supervisor import state_root
+
+    state = state_root()  # made as hearth makes it: this user's alone (userdirs.py)
+    (state / "taken").mkdir(mode=0o700)
     (state / "taken" / "state.json").write_text(json.dumps({"pid": 1, "status": "ready"}))  # pid 1 lives
     with pytest.raises(SpecError, match="running in another process .pid 1"):
         Cluster(nodes=0, name="taken", show=False)

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from provisioner import userdirs
 from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.errors import AgentRefused, AgentUnreachable
 from provisioner.hosts import Host
@@ -161,7 +162,7 @@ async def connect(host: Host, local_dir: Path) -> AgentClient:
     except (OSError, asyncssh.Error) as error:
         raise AgentUnreachable(f"host {host.name}: cannot connect over SSH to {host.address}: {error}. Check the "
                                "controller's key is in the host's authorized_keys and the host key in known_hosts") from error
-    local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    userdirs.ensure(local_dir, "agent socket directory")  # whoever could swap the socket would get the Ray token
     local = local_dir / f"{host.name}.sock"
     local.unlink(missing_ok=True)
     try:
