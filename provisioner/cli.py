@@ -100,8 +100,12 @@ def up(
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
     console.print(profile_table(state["nodes"], state["backend"]))
-    console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
-                  f"dashboard {state['ray']['dashboard']}")
+    ready = [n for n in state["nodes"] if n["state"] == "ready"]
+    for node in state["nodes"]:
+        if node["state"] != "ready":  # with --min-nodes, the cluster is up without it: say why
+            console.print(f"{node['id']}: {'; then '.join(node['errors']) or node['state']}", markup=False)
+    console.print(f"cluster {name} is up: {len(ready)} nodes" + (f" of {len(state['nodes'])}" if len(ready) < len(
+        state["nodes"]) else "") + f", Ray at {state['ray']['address']}, dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
 
 

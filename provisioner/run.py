@@ -187,7 +187,8 @@ def _node_summary(record: NodeRecord) -> dict[str, Any]:
     history = record.history
     last = history.events[-1] if history.events else None
     return {
-        "id": record.node_id, "host": record.placement.host, "gpus": [g.address for g in record.placement.gpus],
+        "id": record.node_id, "host": record.placement.host if record.placement else None,
+        "gpus": [g.address for g in record.placement.gpus] if record.placement else [],
         "state": last.state.value if last else "new", "detail": last.detail if last else None,
         "since": last.at if last else None, "ray_node_id": record.ray_node_id, "attempts": len(record.attempts),
         "errors": record.errors, "profile": history.profile(),

@@ -191,7 +191,7 @@ def _tooltip(node: dict[str, Any], backend: str) -> str:
     names = phase_names(backend)
     phases = ", ".join(f"{name} {seconds(node['profile'][state])} s" for state, name in names.items()
                        if state in node["profile"])
-    return f"{node['id']} on {node['host']}: {node['state']}" + (f" ({node['detail']})" if node["detail"] else "") + \
+    return f"{node['id']} on {node['host'] or 'no host'}: {node['state']}" + (f" ({node['detail']})" if node["detail"] else "") + \
         (f"\n{phases}" if phases else "")
 
 

@@ -106,3 +106,120 @@ def test_a_pool_node_killed_mid_call_raises_in_the_caller_and_leaves_the_pool(is
         assert len(pool.nodes) <= 2
     print(f"\nNodeLost raised {raised_after:.1f} s after the call started (the node killed mid-call)")
     assert processes_mentioning(str(isolated)) == []
+
+
+# -- placement: what fits with min_nodes, and a GPU taken by another controller (409) ------------------------
+def test_place_what_fits_places_in_order_and_says_why_the_rest_do_not():
+    from provisioner.placement import GpuSlot, place, place_what_fits
+
+    free = [GpuSlot(host="a", address=f"0000:{bus:02x}:00.0", numa=i // 4) for i, bus in enumerate(range(0x10, 0x16))]
+    ids = [f"n{i}" for i in range(10)]
+    placed, short = place_what_fits(ids, 1, ["a"], free)
+    assert [p.node_id for p in placed] == ids[:6] and len({g.address for p in placed for g in p.gpus}) == 6
+    assert short.startswith("need 10 nodes x 1 GPUs = 10 GPUs, but only 6 are free: a 6 (NUMA 0: 4, NUMA 1: 2)")
+    split = [GpuSlot(host="a", address=f"0000:{bus:02x}:00.0", numa=int(i >= 3)) for i, bus in enumerate(range(0x10, 0x18))]
+    placed, short = place_what_fits(["big0", "big1"], 4, ["a"], split)  # 8 free, 3 + 5: room for one node of 4
+    assert [p.node_id for p in placed] == ["big0"] and "no host has 4 free GPUs" in short and "1 of 2 placed" in short
+    assert place_what_fits(ids[:3], 1, ["a"], free)[1] is None
+    with pytest.raises(PlacementError, match="only 6 are free"):
+        place(ids, 1, ["a"], free)
+
+
+@pytest.fixture
+def gpu_host(tmp_path, agents):
+    """An agent on the cloud-hypervisor STAND-IN whose host tree has HGX H100s: `gpu_host(n)` binds the first n
+    to vfio-pci (NUMA node 0 holds the first four, 1 the rest) and returns the inventory reaching it."""
+
+    def make(count: int = 8) -> Inventory:
+        root = tmp_path / "host"
+        tree = hgx_h100(root)
+        with FakeKernel(tree):
+            apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS[:count], nvml=None))
+        return Inventory(hosts=[agents.start("gpu01", root=root)])
+
+    return make
+
+
+def _run(name, nodes, inventory, run_dir, image, **fields) -> ClusterRun:
+    spec = cluster_spec(nodes=nodes, gpus_per_node=1, backend="cloud-hypervisor", image=image, name=name,
+                        pack_env=False, boot_timeout=60, **fields)
+    return ClusterRun(spec, run_dir / name, inventory=inventory, with_ray=False,
+                      standin=lambda node: {"boot_s": 0.2, "guest": "builtin", "join_s": 0.1})
+
+
+def _nothing_left(agents, name: str = "gpu01") -> None:
+    from test_agent import never_leased_twice
+
+    vms = agents.vms(name)
+    assert processes_mentioning(f"{vms}/") == [], "VMMs left"
+    assert list((agents.state(name) / "vms").iterdir()) == [], "leases left"
+    assert never_leased_twice(agents.state(name)) == {}
+
+
+@pytest.fixture
+def image(tmp_path):
+    image = tmp_path / "image"
+    image.mkdir()
+    for name in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (image / name).write_bytes(b"\0" * 4096)
+    return image
+
+
+@pytest.mark.slow
+def test_min_nodes_boots_what_fits_and_says_which_were_not_placed(gpu_host, agents, run_dir, image):
+    """10 nodes asked, min_nodes=1, 6 GPUs free: 6 boot, 4 fail at once with why; min_nodes=7: refused before
+    anything starts."""
+    inventory = gpu_host(6)
+    refused = _run("seven", 10, inventory, run_dir, image, min_nodes=7)
+    with pytest.raises(PlacementError, match="only 6 of 10 nodes fit, fewer than min_nodes 7: need 10 nodes x 1 GPUs"):
+        asyncio.run(refused.up())
+    assert refused.summary()["nodes"] == [] and not any(agents.vms("gpu01").glob("*"))
+    run = _run("some", 10, inventory, run_dir, image, min_nodes=1)
+
+    async def scenario():
+        ready = await run.up()
+        summary = run.summary()
+        await run.down()
+        return ready, summary
+
+    ready, summary = asyncio.run(scenario())
+    nodes = {n["id"]: n for n in summary["nodes"]}
+    assert len(ready) == 6 and all(nodes[f"some-{i}"]["state"] == "ready" for i in range(6))
+    for i in range(6, 10):
+        node = nodes[f"some-{i}"]
+        assert node["state"] == "stopped" and node["host"] is None and node["attempts"] == 1
+        assert node["errors"] == ["not placed: need 10 nodes x 1 GPUs = 10 GPUs, but only 6 are free: "
+                                  "gpu01 6 (NUMA 0: 4, NUMA 1: 2). Ask for fewer, or bind more GPUs on the hosts "
+                                  "(hearth vfio bind --all-gpus --persist)"]
+    assert summary["status"] == "ready"
+    _nothing_left(agents)
+
+
+@pytest.mark.slow
+def test_a_gpu_taken_after_placement_409_then_the_retry_reads_the_hosts_again(gpu_host, agents, run_dir, image):
+    """Placed on what the host had free, then another controller takes those GPUs (and every GPU of their NUMA
+    node) before the boot: the agent answers 409, and the retry goes to GPUs free now, read again from the
+    host, not to the neighbours the stale list still shows free."""
+    inventory = gpu_host(8)
+    late = _run("late", 2, inventory, run_dir, image)
+    thief = _run("thief", 4, inventory, run_dir, image)
+
+    async def scenario():
+        late.engine.offer(await late.backend.open())
+        late.engine.plan()
+        planned = {g.address for r in late.engine.nodes.values() for g in r.placement.gpus}
+        await thief.up()
+        stolen = {g.address for r in thief.engine.nodes.values() for g in r.placement.gpus}
+        try:
+            await late.engine.up()
+            return planned, stolen, late.summary()
+        finally:
+            await asyncio.gather(late.down(), thief.down())
+
+    planned, stolen, summary = asyncio.run(scenario())
+    assert planned < stolen == set(HGX_GPUS[:4])  # the thief took NUMA node 0, our two included
+    for node in summary["nodes"]:
+        assert node["state"] == "ready" and node["attempts"] == 2, node
+        assert "is leased to VM thief-" in node["errors"][0]
+        assert set(node["gpus"]) <= set(HGX_GPUS[4:])  # not GPUs 2 and 3, which the stale list had free
+    _nothing_left(agents)

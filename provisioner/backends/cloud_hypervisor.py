@@ -64,12 +64,17 @@ class CloudHypervisorBackend:
                         if i.get("image_problem")]
             if problems:
                 raise SpecError("; ".join(problems))
-            free = await asyncio.gather(*(a.gpus() for a in self.agents.values()))
+            free = await self.free()
         except BaseException:
             await self.close()
             raise
         await asyncio.gather(*(a.renew(self.controller, self.lease_s) for a in self.agents.values()))
         self._renewer = asyncio.create_task(self._renew())
+        return free
+
+    async def free(self) -> list[GpuSlot]:
+        """The GPUs every host has free now, as its agent says (GET /v1/gpus)."""
+        free = await asyncio.gather(*(a.gpus() for a in self.agents.values()))
         return [slot for agent, gpus in zip(self.agents.values(), free) for slot in host_slots(self.hosts[agent.host], gpus)]
 
     async def carry(self, image: LocalImage) -> dict[str, dict]:

@@ -34,6 +34,9 @@ class LocalBackend:
     async def open(self) -> list:
         return []  # no GPUs: Ray's num_gpus are nominal here
 
+    async def free(self) -> list:
+        return []
+
     async def carry(self, image) -> dict[str, dict]:
         return {}  # the nodes run in the controller's own environment
 

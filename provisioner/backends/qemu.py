@@ -68,6 +68,9 @@ class QemuBackend:
             shutil.rmtree(stale, ignore_errors=True)
         return []
 
+    async def free(self) -> list:
+        return []  # no GPUs under QEMU
+
     async def carry(self, image: LocalImage) -> dict[str, dict]:
         """The VMs run on this machine: they attach the controller's cached image as it is."""
         self._env = image
