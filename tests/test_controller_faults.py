@@ -7,6 +7,7 @@ the leaks. (A run directory pre-created by another user: tests/test_userdirs.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,9 +19,11 @@ import pytest
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
 from provisioner.errors import CallTimeout, NodeLost, PlacementError, SpecError
+from provisioner.events import NodeState
 from provisioner.hosts import Inventory
 from provisioner.run import ClusterRun
 from provisioner.spec import cluster_spec
+from test_agent import agent_http, never_leased_twice
 from test_engine import processes_mentioning
 from vfio.bind import apply, plan_bind
 from vfio.hostroot import HostRoot
@@ -148,8 +151,6 @@ def _run(name, nodes, inventory, run_dir, image, **fields) -> ClusterRun:
 
 
 def _nothing_left(agents, name: str = "gpu01") -> None:
-    from test_agent import never_leased_twice
-
     vms = agents.vms(name)
     assert processes_mentioning(f"{vms}/") == [], "VMMs left"
     assert list((agents.state(name) / "vms").iterdir()) == [], "leases left"
@@ -223,3 +224,82 @@ def test_a_gpu_taken_after_placement_409_then_the_retry_reads_the_hosts_again(gp
         assert "is leased to VM thief-" in node["errors"][0]
         assert set(node["gpus"]) <= set(HGX_GPUS[4:])  # not GPUs 2 and 3, which the stale list had free
     _nothing_left(agents)
+
+
+# -- SSH: the connection to a host dropped, mid-boot and while ready ----------------------------------------
+def _drop_ssh_connections(sshd) -> int:
+    """Kill the test sshd's per-connection processes (every descendant of its listener), as a restarted sshd or
+    a reset network does to an established connection. The listener stays: connecting again works."""
+    master = int((Path(sshd["known_hosts"]).parent / "sshd.pid").read_text())
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    doomed, todo = [], list(children.get(master, []))
+    while todo:
+        pid = todo.pop()
+        doomed.append(pid)
+        todo += children.get(pid, [])
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(doomed)
+
+
+@pytest.mark.slow
+@pytest.mark.root("the test's sshd runs as root")
+@pytest.mark.requires("sshd")
+def test_a_dropped_ssh_connection_is_made_again_mid_boot_and_while_ready(sshd, agents, run_dir, image):
+    """The SSH connection to a host is cut twice: while its VMs are in vm.boot, and once they are ready. The
+    controller connects again each time; the boot goes on (no node fails or is retried), the nodes' watches
+    resume (a VM stopped on the host afterwards is seen as stopped), and the lease is renewed again (the VMs
+    outlive more than a lease period after the drop)."""
+    local = agents.start("b")
+    host = local.model_copy(update={"address": sshd["address"], "ssh_identity": sshd["identity"],
+                                    "ssh_known_hosts": sshd["known_hosts"]})
+    spec = cluster_spec(nodes=2, backend="cloud-hypervisor", image=image, name="ssh", pack_env=False, boot_timeout=120)
+    lease_s = 6.0
+    run = ClusterRun(spec, run_dir / "ssh", inventory=Inventory(hosts=[host]), with_ray=False, lease_s=lease_s,
+                     standin=lambda node: {"boot_s": 4.0, "guest": "builtin", "join_s": 0.1})
+
+    async def until(condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+            await asyncio.sleep(0.1)
+
+    async def scenario():
+        booting = asyncio.create_task(run.up())
+        await until(lambda: len(run.engine.nodes) == 2 and all(
+            r.process is not None and r.process.tracker.reached(NodeState.booting) for r in run.engine.nodes.values()),
+            60, "both VMs in vm.boot")
+        tunnel = run.backend.agents["b"].tunnel
+        assert _drop_ssh_connections(sshd) >= 1
+        await booting  # the PUTs in flight were lost with the connection: sent again, the same VMs answer
+        mid_boot = tunnel.drops
+        await until(lambda: tunnel.problem is None, 30, "the tunnel up again")
+        _drop_ssh_connections(sshd)
+        await until(lambda: tunnel.drops == mid_boot + 1 and tunnel.problem is None, 30, "connected again")
+        await asyncio.sleep(lease_s * 1.5)  # had renewals not resumed, the agent would reap the VMs by now
+        states = {n: r.history.state for n, r in run.engine.nodes.items()}
+        on_host = {vm["id"]: vm["state"] for vm in agent_http(local.agent_socket).get("/v1/vms").json()}
+        agent_http(local.agent_socket).delete("/v1/vms/ssh-1", params={"grace": 0})  # stopped on the host...
+        await until(lambda: run.engine.nodes["ssh-1"].history.state == NodeState.stopped, 30,
+                    "the stop seen through the new connection")  # ...and seen: the watch resumed
+        summary = run.summary()
+        await run.down()
+        return mid_boot, tunnel.drops, states, on_host, summary
+
+    mid_boot, drops, states, on_host, summary = asyncio.run(scenario())
+    assert mid_boot >= 1 and drops == mid_boot + 1
+    assert states == {"ssh-0": NodeState.ready, "ssh-1": NodeState.ready}
+    assert set(on_host) == {"ssh-0", "ssh-1"} and "stopped" not in on_host.values(), on_host
+    assert all(n["attempts"] == 1 and n["errors"] == [] for n in summary["nodes"]), summary["nodes"]
+    leases = (agents.state("b") / "leases.log").read_text()
+    assert "lease expired" not in leases
+    assert not (run_dir / "ssh" / "agents" / "b.sock").exists()
+    _nothing_left(agents, "b")

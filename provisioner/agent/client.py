@@ -3,9 +3,9 @@
 A local host's socket is used as it is. For `ssh://user@host[:port]` the controller opens one SSH
 connection (asyncssh; the user's keys and known_hosts, or the ones the hosts file names, and host keys
 are always checked) and forwards a Unix socket in its run directory to the agent's socket on the host,
-the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon, port or secret: SSH is the
-authentication, the socket's group the authorisation. Every new HTTP connection is a new SSH channel, so
-an agent that restarts is reached again without reconnecting.
+the way `ssh -L local.sock:/run/hearth/agent.sock` does, and connects again when it drops (tunnel.py). No
+extra daemon, port or secret: SSH is the authentication, the socket's group the authorisation. Every new
+HTTP connection is a new SSH channel, so an agent that restarts is reached again without reconnecting.
 
 `send_env` delivers an env image (envimage.py) the same way through either: it asks the host what it has and
 streams only what is missing from the file, resuming from the host's count after a dropped connection.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ class AgentClient:
                                        base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
         self._closers = list(closers)
         self.calls = 0
+        self.tunnel = None  # the SSH forward (tunnel.py) for a remote host
 
     async def info(self, image: Path | None = None) -> dict[str, Any]:
         return await self._call("GET", "/v1/info", params={"image": str(image)} if image else None)
@@ -126,6 +126,8 @@ class AgentClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:
+            if self.tunnel is not None and self.tunnel.problem:
+                raise AgentUnreachable(f"host {self.host}: {self.tunnel.problem}") from error
             raise AgentUnreachable(f"host {self.host}: the hearth agent at {self.socket_path} does not answer "
                                    f"({type(error).__name__}); is it running (systemctl status hearth-agent)?") from error
         if response.is_success:
@@ -146,35 +148,15 @@ async def _read(path: Path, offset: int, chunk: int, counted: list[int]) -> Asyn
 
 
 async def connect(host: Host, local_dir: Path) -> AgentClient:
-    """A client for `host`'s agent: its socket, or a forward of it through SSH into `local_dir`."""
+    """A client for `host`'s agent: its socket, or a forward of it through SSH into `local_dir`, kept up across
+    dropped connections (tunnel.py)."""
     if host.address == "local":
         return AgentClient(host.name, host.agent_socket)
-    import asyncssh
+    from provisioner.agent.tunnel import SshTunnel
 
-    user, hostname, port = re.fullmatch(r"ssh://(?:([^@/\s]+)@)?([^@/:\s]+)(?::(\d+))?", host.address).groups()
-    options: dict[str, Any] = {"port": int(port or 22), "username": user}
-    if host.ssh_identity is not None:
-        options["client_keys"] = [str(host.ssh_identity)]
-    if host.ssh_known_hosts is not None:
-        options["known_hosts"] = str(host.ssh_known_hosts)
-    try:
-        connection = await asyncssh.connect(hostname, **options)
-    except (OSError, asyncssh.Error) as error:
-        raise AgentUnreachable(f"host {host.name}: cannot connect over SSH to {host.address}: {error}. Check the "
-                               "controller's key is in the host's authorized_keys and the host key in known_hosts") from error
     userdirs.ensure(local_dir, "agent socket directory")  # whoever could swap the socket would get the Ray token
-    local = local_dir / f"{host.name}.sock"
-    local.unlink(missing_ok=True)
-    try:
-        listener = await connection.forward_local_path(str(local), str(host.agent_socket))
-    except (OSError, asyncssh.Error) as error:
-        connection.close()
-        raise AgentUnreachable(f"host {host.name}: cannot forward {local} to {host.agent_socket} over SSH: {error}") from error
-
-    async def close() -> None:
-        listener.close()
-        connection.close()
-        await connection.wait_closed()
-        local.unlink(missing_ok=True)
-
-    return AgentClient(host.name, local, closers=[close])
+    tunnel = SshTunnel(host, local_dir / f"{host.name}.sock")
+    await tunnel.open()
+    client = AgentClient(host.name, tunnel.local, closers=[tunnel.close])
+    client.tunnel = tunnel
+    return client

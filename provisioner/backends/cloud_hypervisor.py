@@ -31,7 +31,8 @@ from provisioner.node import NodeSpec
 from provisioner.placement import GpuSlot, host_slots
 
 StandinSettings = Callable[[str], dict[str, Any]]
-AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (a restart) before it counts as failed
+AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (an agent restart, a dropped SSH
+# connection made again: agent/tunnel.py) before it counts as failed
 
 
 class CloudHypervisorBackend:
