@@ -1,9 +1,11 @@
-"""What a node's Ray listens on, and that each listener turns away a caller without the cluster's token.
+"""What a node's Ray (and the head's) listens on, and that each listener turns away a caller without the
+cluster's token.
 
 A node is started as every hearth node starts (guest/agent.py's `ray_start` wrapper, the head's token in its
 environment, the ports hearth picks) against a real head, on this machine's own non-loopback address as a VM
 node runs on its guest address; a task runs there so a worker listens too. Then every TCP listener of the
-node's processes is asked, without the token: HTTP ones answer 401, gRPC ones UNAUTHENTICATED. The metrics
+node's processes, and of the head's, is asked without the token: HTTP ones answer 401, gRPC ones
+UNAUTHENTICATED. The metrics
 export port (Prometheus, which Ray serves unauthenticated on every interface) is not open at all. The README's
 "Ports" section is this table."""
 
@@ -27,7 +29,8 @@ from provisioner.ray_head import RayHead, free_ports, local_env
 
 pytestmark = pytest.mark.slow
 GRPC_METHODS = ("/ray.rpc.NodeManagerService/GetNodeStats", "/ray.rpc.ObjectManagerService/Pull",
-                "/ray.rpc.ReporterService/HealthCheck", "/ray.rpc.CoreWorkerService/GetObjectStatus")
+                "/ray.rpc.ReporterService/HealthCheck", "/ray.rpc.CoreWorkerService/GetObjectStatus",
+                "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.RayletDriver/ClusterInfo")
 
 
 def _node_address() -> str:
@@ -114,11 +117,15 @@ def test_every_port_a_node_listens_on_checks_the_token_and_metrics_are_closed(ru
                     break
                 time.sleep(1)
             roles = {port: flag for flag, port in ports.items()}
+            roles |= {head.gcs_port: "head: GCS", head.dashboard_port: "head: dashboard",
+                      head.client_port: "head: Ray client server"}
             table = []
-            for name, ip, port in sorted(listening, key=lambda entry: entry[2]):
-                host = address if ip in ("0.0.0.0", "::") else ip.removeprefix("::ffff:")
-                table.append((roles.get(port, "worker" if "ray::" in name or "worker" in name else name), ip, port,
-                              _answer(host, port)))
+            for who, found in (("node", listening), ("head", _listening(psutil.Process(head.process.pid)))):
+                for name, ip, port in sorted(found, key=lambda entry: entry[2]):
+                    host = address if ip in ("0.0.0.0", "::") else ip.removeprefix("::ffff:")
+                    agent = name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+                    role = roles.get(port, f"{who}: {'worker' if name.startswith('ray::') and not agent else name}")
+                    table.append((role, ip, port, _answer(host, port)))
         finally:
             ray.shutdown()
     finally:
@@ -134,7 +141,6 @@ def test_every_port_a_node_listens_on_checks_the_token_and_metrics_are_closed(ru
     seen = {role for role, *_ in table}
     assert {"node-manager-port", "object-manager-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
             "runtime-env-agent-port"} <= seen, table
-    for role, ip, port, answer in table:
-        if ip.removeprefix("::ffff:").startswith("127."):
-            continue  # the node's own loopback (a VM's, not the host's)
+    assert {"head: GCS", "head: dashboard", "head: Ray client server"} <= seen, table
+    for role, ip, port, answer in table:  # loopback too: on the controller, other local users reach it
         assert answer in ("http 401", "grpc UNAUTHENTICATED"), (role, ip, port, answer)
