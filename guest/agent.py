@@ -48,16 +48,21 @@ PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
               "metrics-export-port", "runtime-env-agent-port")
 VM_PORTS = dict(zip(PORT_FLAGS, range(6380, 6386)))  # one node per VM: fixed ports
 RAYLET_WAIT_S = 300
-# `ray start` wrapped in two corrections for slow machines (emulated guests, loaded hosts), nothing else about
-# Ray changes; every Ray node hearth starts (the head, local nodes, guests) starts this way:
+# `ray start` wrapped in two corrections for slow machines (emulated guests, loaded hosts) and one for safety,
+# nothing else about Ray changes; every Ray node hearth starts (the head, local nodes, guests) starts this way:
 # - it gives a new raylet 30 s (hard-coded in ray/_private/node.py) to register with the GCS: retry Ray's own
 #   lookup for RAYLET_WAIT_S;
 # - it does not hand the raylet the dashboard agent's listen port, though the raylet has a flag for it, so the
 #   raylet waits a fixed 15 s for the agent to write the port to a file, and aborts after that ("Timed out
 #   waiting for file .../dashboard_agent_listen_port_<node>"). An agent under TCG needs longer than 15 s to
-#   import itself; with the port given (the same one the agent is told), the raylet does not wait.
+#   import itself; with the port given (the same one the agent is told), the raylet does not wait;
+# - its dashboard agent serves the node's metrics for Prometheus at --metrics-export-port on every interface
+#   with no authentication (Ray has no flag to bind it elsewhere; every other port a node listens on checks the
+#   cluster's token): the agent is started with --disable-metrics-collection, so that port is never opened.
+#   The dashboard's own node view does not need it. HEARTH_RAY_METRICS_EXPORT=1 in a cluster's env opens it
+#   again, for a Prometheus that scrapes the nodes (README: "Ports").
 RAY_START = """
-import sys, time
+import os, sys, time
 import ray._private.services as services
 lookup = services.get_node
 def get_node(*args, **kwargs):
@@ -71,9 +76,13 @@ def get_node(*args, **kwargs):
             time.sleep(0.5)
 services.get_node = get_node
 start_process = services.start_ray_process
+metrics = os.environ.get("HEARTH_RAY_METRICS_EXPORT") == "1"
 def start_ray_process(command, process_type, *args, **kwargs):
     if process_type == "raylet":
         command = [*command, "--dashboard_agent_listen_port={port}"]
+        if not metrics:
+            agent = "--dashboard_agent_command="
+            command = [c + " --disable-metrics-collection" if c.startswith(agent) else c for c in command]
     return start_process(command, process_type, *args, **kwargs)
 services.start_ray_process = start_ray_process
 from ray.scripts.scripts import main

@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from provisioner.errors import HearthError, SpecError
+from provisioner import userdirs
+from provisioner.errors import HearthError, SpecError, UnsafeDirectory
 from provisioner.progress import ProgressLine, profile_table
 from provisioner.spec import cluster_spec, default_backend
 from provisioner.hosts import load_inventory
@@ -44,7 +45,11 @@ def main() -> None:
     from provisioner.bench import app as bench_app  # imported late: it pulls in Ray's test utilities
 
     app.add_typer(bench_app, name="bench")
-    app()
+    try:
+        app()
+    except UnsafeDirectory as error:  # any command that reads or writes the run or state directories
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
 
 
 @app.command()
@@ -68,6 +73,9 @@ def up(
                                      backend=default_backend(backend, hosts),
                                      cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
                                      min_nodes=min_nodes, name=name, pack_env=pack_env))
+    from provisioner.run import default_work_dir
+
+    default_work_dir(name)  # the supervisor's run directory: refused here, with the fix, if another user could touch it
     directory = state_root() / name
     if alive(read_state(directory)):
         _fail(f"cluster {name} is already up; `hearth down --name {name}` first, or pick another --name", 1)
@@ -77,7 +85,7 @@ def up(
         inventory_text = hosts.read_text()
     for stale in ("state.json", "events.jsonl", "token", "hosts.yaml"):
         (directory / stale).unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
+    userdirs.ensure(directory, "state directory")
     (directory / "spec.json").write_text(spec.model_dump_json())
     if inventory_text is not None:
         (directory / "hosts.yaml").write_text(inventory_text)
@@ -92,8 +100,12 @@ def up(
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
     console.print(profile_table(state["nodes"], state["backend"]))
-    console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
-                  f"dashboard {state['ray']['dashboard']}")
+    ready = [n for n in state["nodes"] if n["state"] == "ready"]
+    for node in state["nodes"]:
+        if node["state"] != "ready":  # with --min-nodes, the cluster is up without it: say why
+            console.print(f"{node['id']}: {'; then '.join(node['errors']) or node['state']}", markup=False)
+    console.print(f"cluster {name} is up: {len(ready)} nodes" + (f" of {len(state['nodes'])}" if len(ready) < len(
+        state["nodes"]) else "") + f", Ray at {state['ray']['address']}, dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
 
 

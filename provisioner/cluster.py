@@ -33,7 +33,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from provisioner import loop
+from provisioner import loop, userdirs
 from provisioner.codesync import CodeTree
 from provisioner.errors import HearthError, SpecError
 from provisioner.events import NodeEvent
@@ -78,8 +78,7 @@ class Cluster:
         self._watching = 0  # while > 0, _watched redraws four times a second; else each event does
         self._run = ClusterRun(spec, default_work_dir(spec.name), inventory=inventory, on_event=self._on_event)
         _take_name(spec.name)  # last of the checks: it may close this kernel's cluster of that name
-        self._state_dir = state_root() / spec.name
-        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_dir = userdirs.ensure(state_root() / spec.name, "state directory")
         if self._run.head is not None:  # for the Jupyter extension's dashboard proxy; never in state.json
             write_atomic(self._state_dir / "token", self._run.head.token, mode=0o600)
         self._view = LiveView(self._run.summary) if show and in_notebook() else None

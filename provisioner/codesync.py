@@ -83,10 +83,18 @@ class CodeTree:
                                 "node: list what the nodes do not need in .gitignore, run the notebook from a smaller "
                                 "directory, or pass sync_code=False")
         paths = ["."]
+        installed = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
         for entry in sys.path:
             resolved = Path(entry or ".").resolve()
-            if resolved != self.root and resolved.is_relative_to(self.root):
-                paths.append(str(resolved.relative_to(self.root)))
+            if resolved == self.root or not resolved.is_relative_to(self.root):
+                continue
+            relative = resolved.relative_to(self.root)
+            # Not the kernel's own installation (a .venv inside the notebook's directory): it is not in the tree,
+            # and on the nodes the environment (image) provides it; shadowing it would hide Ray from the workers.
+            if any(part in NEVER or part.startswith(".") for part in relative.parts) or any(
+                    resolved.is_relative_to(p) for p in installed) or "site-packages" in relative.parts:
+                continue
+            paths.append(str(relative))
         for name, origin in _outside_modules(self.root):
             relative = f"_modules/{origin.name}"
             if origin.is_dir():
@@ -212,21 +220,25 @@ def activate(version: str) -> None:
 
 
 def _forget(directories: list[str]) -> None:
-    """Drop the modules imported from these directories: the next import reads the active version."""
+    """Drop the modules imported from these directories: the next import reads the active version. Never those
+    of the running Python's installation, which may lie inside them (a .venv in the notebook's directory): Ray
+    itself is among them, and a half-forgotten Ray cannot be imported again."""
     prefixes = tuple(d.rstrip(os.sep) + os.sep for d in directories)
     if not prefixes:
         return
+    installed = tuple({str(Path(p).resolve()).rstrip(os.sep) + os.sep for p in (sys.prefix, sys.base_prefix,
+                                                                               sys.exec_prefix)})
     for name, module in list(sys.modules.items()):
-        if (getattr(module, "__file__", None) or "").startswith(prefixes):
+        origin = getattr(module, "__file__", None) or ""
+        if origin.startswith(prefixes) and not origin.startswith(installed) and "site-packages" not in origin.split(os.sep):
             del sys.modules[name]
 
 
 def _fetch(version: str) -> Path:
-    base = Path(tempfile.gettempdir()) / f"hearth-code-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    info = base.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{base} is not this user's own: code there could be swapped")
+    from provisioner.userdirs import private_dir
+
+    base = private_dir(Path(tempfile.gettempdir()) / f"hearth-code-{os.geteuid()}", what="code directory",
+                       fix="Remove it (as root if another user made it): code there could be swapped.")
     directory = base / version
     if directory.is_dir():
         return directory

@@ -1,8 +1,10 @@
 """The parallel boot engine: N nodes at once, so a cluster is ready after about its slowest node.
 
-    place every node (pure; short capacity fails here, before anything starts)
+    place every node (pure; short capacity fails here, before anything starts); with min_nodes, the nodes
+      that fit are placed (at least min_nodes) and the others fail at once, saying why they were not placed
     boot all nodes concurrently, each within boot_timeout, a host's boots capped where it asks
-      a node that fails or times out is stopped, and retried once on other GPUs
+      a node that fails or times out is stopped, and retried once on other GPUs; when it failed because
+      another controller took its GPU since the hosts were asked (409), the hosts are asked again first
     a node is ready when the Ray head shows a live node carrying its label
     ready >= min_nodes: the cluster is up (the failures are reported)
     otherwise, or on cancel (Ctrl-C, close()): everything started is torn down
@@ -21,10 +23,10 @@ from dataclasses import dataclass, field
 import httpx
 
 from provisioner.backends import Backend, NodeProcess, checked
-from provisioner.errors import BootError, HearthError, NodeEnded, PlacementError, RayError
-from provisioner.events import TERMINAL, NodeHistory, NodeState, OnEvent
+from provisioner.errors import AgentRefused, BootError, HearthError, NodeEnded, PlacementError, RayError
+from provisioner.events import ENDING, TERMINAL, NodeHistory, NodeState, OnEvent
 from provisioner.node import EnvImage, GpuRequest, NodeSpec, RayJoin
-from provisioner.placement import GpuSlot, NodePlacement, place
+from provisioner.placement import GpuSlot, NodePlacement, place, place_what_fits
 from provisioner.ray_head import RayHead
 from provisioner.spec import ClusterSpec
 
@@ -36,7 +38,7 @@ ATTEMPT_LABEL = "hearth.io/attempt"  # a retried node's first Ray node may linge
 @dataclass
 class NodeRecord:
     node_id: str
-    placement: NodePlacement
+    placement: NodePlacement | None  # None: not placed (min_nodes let the cluster boot without it)
     attempts: list[NodeHistory] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     process: NodeProcess | None = None
@@ -67,6 +69,7 @@ class Engine:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self._pool: list[GpuSlot] = []
+        self._avoid: set[tuple[str, str]] = set()  # GPUs a boot failed on (not for a 409): not used again this run
         self._limits = {h: asyncio.Semaphore(n) for h, n in (host_limits or {}).items()}
         self._seen: dict[tuple[str, str], asyncio.Future] = {}
         self._poller: asyncio.Task | None = None
@@ -78,18 +81,37 @@ class Engine:
         self._pool = list(free_gpus)
 
     def plan(self) -> None:
-        """Place every node, or raise `PlacementError` (what is free where) before anything starts."""
+        """Place every node, or raise `PlacementError` (what is free where) before anything starts. With
+        min_nodes, the nodes that fit are placed, if at least min_nodes do; the others fail now, saying why."""
         if not self.nodes:
-            self._records(self.spec.node_ids())
+            self._records(self.spec.node_ids(), at_least=self.spec.required_nodes)
 
-    def _records(self, node_ids: list[str]) -> list[NodeRecord]:
-        placements = place(node_ids, self._gpus_per_node, self.hosts, self._pool)
+    def _records(self, node_ids: list[str], at_least: int | None = None) -> list[NodeRecord]:
+        """Records for `node_ids`, placed on the pool's GPUs: all of them, or (`at_least`) as many as fit."""
+        placements, short = place_what_fits(node_ids, self._gpus_per_node, self.hosts, self._pool)
+        if short is not None and len(placements) < (at_least or len(node_ids)):
+            if at_least is not None and at_least < len(node_ids):
+                short = (f"only {len(placements)} of {len(node_ids)} nodes fit, fewer than min_nodes {at_least}: "
+                         f"{short}")
+            raise PlacementError(short)
         taken = {(g.host, g.address) for p in placements for g in p.gpus}
         self._pool = [g for g in self._pool if (g.host, g.address) not in taken]
         records = [NodeRecord(p.node_id, p, attempts=[NodeHistory(p.node_id)]) for p in placements]
+        for node_id in node_ids[len(placements):]:
+            records.append(self._unplaced(node_id, f"not placed: {short}"))
         self.nodes.update({r.node_id: r for r in records})
         self._next_index = max([self._next_index, *(int(n.rsplit("-", 1)[1]) + 1 for n in node_ids)])
         return records
+
+    def _unplaced(self, node_id: str, reason: str) -> NodeRecord:
+        """A node that got no GPUs: failed and over, with the reason, before anything of it started."""
+        history = NodeHistory(node_id)
+        record = NodeRecord(node_id, None, attempts=[history], errors=[reason])
+        for state, detail in ((NodeState.requested, None), (NodeState.failed, reason), (NodeState.stopped, None)):
+            event = history.transition(state, detail)
+            if self.on_event is not None:
+                self.on_event(event)
+        return record
 
     @property
     def _gpus_per_node(self) -> int:
@@ -101,7 +123,7 @@ class Engine:
         self.plan()
         self.started_at, cpu = time.time(), time.process_time()
         try:
-            await self._boot_all(list(self.nodes.values()))
+            await self._boot_all([r for r in self.nodes.values() if r.placement is not None])
         except BaseException:
             await self.down()
             raise
@@ -133,7 +155,7 @@ class Engine:
         records = [self.nodes.pop(n) for n in node_ids if n in self.nodes]
         await asyncio.gather(*(r.process.stop(grace) for r in records if r.process is not None),
                              return_exceptions=True)
-        self._pool += [g for r in records for g in r.placement.gpus]
+        self._pool += [g for r in records if r.placement is not None for g in r.placement.gpus]
 
     async def down(self, grace: float = 5.0) -> None:
         """Stop every node this engine started. Idempotent."""
@@ -178,7 +200,12 @@ class Engine:
                 if history.state not in TERMINAL:
                     process.tracker.transition(NodeState.failed, reason)
                 await process.stop(0)
+                conflict = isinstance(error, AgentRefused) and error.status == 409
+                if not conflict:
+                    self._avoid |= {(g.host, g.address) for g in placement.gpus}
             if attempt == 1:
+                if conflict:  # another controller took the GPU since the hosts were asked: what is free now?
+                    await self._refresh()
                 try:
                     placement = self._replace(placement)
                 except PlacementError as error:
@@ -212,6 +239,17 @@ class Engine:
                         memory_mib=spec.memory_gib * 1024, image=spec.image, ray=ray, env=spec.env,
                         env_image=self.env_image,
                         gpus=[GpuRequest(address=g.address, clique=g.clique) for g in placement.gpus])
+
+    async def _refresh(self) -> None:
+        """Ask the hosts again which GPUs are free (after a 409, what they said at the start is out of date), less
+        those this run's other nodes hold or are booting on and those a boot failed on."""
+        try:
+            free = await self.backend.free()
+        except HearthError:  # a host does not answer now: place from what is known, and let the agent judge
+            return
+        mine = {(g.host, g.address) for r in self.nodes.values()
+                if r.placement is not None and r.history.state not in ENDING for g in r.placement.gpus}
+        self._pool = [g for g in free if (g.host, g.address) not in mine | self._avoid]
 
     def _replace(self, failed: NodePlacement) -> NodePlacement:
         """Other GPUs for a node whose boot failed; its GPUs are not used again in this run."""

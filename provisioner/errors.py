@@ -8,6 +8,9 @@
     │   └── BindFailed         a write failed or timed out; the result says what was restored
     ├── PlacementError         not enough free GPUs where the nodes must go; says what is free where
     ├── BootError              a cluster (or a pool's node) did not come up; nothing of it is left
+    ├── NodeLost               a Pool call's node died under it; `node` and `reason` say which and why
+    ├── CallTimeout            a Pool call did not finish in its `timeout` (also a TimeoutError); its task was cancelled
+    ├── UnsafeDirectory        a run or state directory another user could tamper with; nothing was written there
     ├── RayError               the cluster's Ray head did not start or answer
     ├── InvalidTransition      a node state change the transition table forbids (a bug, not bad input)
     ├── NetError               a tap could not be made or set up
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 from vfio.errors import BindFailed, BindRefused, HearthError, HostRootError, SpecError, VfioError
 
 __all__ = ["HearthError", "SpecError", "HostRootError", "VfioError", "BindRefused", "BindFailed", "PlacementError",
-           "BootError", "RayError", "InvalidTransition", "NetError", "BuildError", "EnvError", "VmmError", "VmmApiError",
+           "BootError", "NodeLost", "CallTimeout", "UnsafeDirectory", "RayError", "InvalidTransition", "NetError", "BuildError", "EnvError", "VmmError", "VmmApiError",
            "VmmTimeout", "VmmExited", "NodeEnded", "AgentError", "LeaseConflict", "VmNotFound", "AgentRefused",
            "AgentUnreachable", "validated"]
 
@@ -46,6 +49,23 @@ class PlacementError(HearthError):
 
 
 class BootError(HearthError):
+    pass
+
+
+class NodeLost(HearthError):
+    """The node a Pool call ran on died (its process or VM ended, or Ray declared it dead) before the call
+    returned: raised in the caller, FLAME's way, rather than waiting for a node that will not answer."""
+
+    def __init__(self, message: str, node: str, reason: str) -> None:
+        super().__init__(message)
+        self.node, self.reason = node, reason
+
+
+class CallTimeout(HearthError, TimeoutError):
+    pass
+
+
+class UnsafeDirectory(HearthError):
     pass
 
 

@@ -3,7 +3,8 @@
 A node with several GPUs gets them from one locality domain: one NVLink clique where the inventory names
 the cliques (VFIO hides NVLink from sysfs), else one NUMA node. Within that rule a node goes to the domain
 that fits it most tightly (so big nodes still find room later), and among equals to the host with most
-free GPUs (so boots spread across hosts). Short capacity is an error that says what is free where.
+free GPUs (so boots spread across hosts). Short capacity is an error that says what is free where; or,
+from `place_what_fits`, the nodes that fit and why the others do not (a cluster with `min_nodes`).
 """
 
 from __future__ import annotations
@@ -43,21 +44,32 @@ def host_slots(host: Host, gpus: list[dict]) -> list[GpuSlot]:
 
 def place(node_ids: list[str], gpus_per_node: int, hosts: list[str], free: list[GpuSlot]) -> list[NodePlacement]:
     """One placement per node id, or `PlacementError` naming what is free where."""
+    placements, short = place_what_fits(node_ids, gpus_per_node, hosts, free)
+    if short is not None:
+        raise PlacementError(short)
+    return placements
+
+
+def place_what_fits(node_ids: list[str], gpus_per_node: int, hosts: list[str],
+                    free: list[GpuSlot]) -> tuple[list[NodePlacement], str | None]:
+    """The placements of the first node ids that fit, in order, and why the others do not (None: all fit).
+    With `min_nodes`, a cluster boots what fits rather than nothing (engine.py)."""
     if gpus_per_node == 0:
-        return [NodePlacement(node_id=n, host=hosts[i % len(hosts)]) for i, n in enumerate(node_ids)]
+        return [NodePlacement(node_id=n, host=hosts[i % len(hosts)]) for i, n in enumerate(node_ids)], None
     domains: dict[tuple[str, str], list[GpuSlot]] = defaultdict(list)
     for slot in sorted(free, key=lambda s: s.address):
         domains[slot.domain].append(slot)
     need = len(node_ids) * gpus_per_node
+    short = None
     if need > len(free):
-        raise PlacementError(f"need {len(node_ids)} nodes x {gpus_per_node} GPUs = {need} GPUs, but only "
-                             f"{len(free)} are free: {_free_text(domains)}. Ask for fewer, or bind more GPUs "
-                             "on the hosts (hearth vfio bind --all-gpus --persist)")
+        short = (f"need {len(node_ids)} nodes x {gpus_per_node} GPUs = {need} GPUs, but only {len(free)} are free: "
+                 f"{_free_text(domains)}. Ask for fewer, or bind more GPUs on the hosts "
+                 "(hearth vfio bind --all-gpus --persist)")
     placements = []
     for node in node_ids:
         fitting = [d for d, slots in domains.items() if len(slots) >= gpus_per_node]
         if not fitting:
-            raise PlacementError(
+            return placements, short or (
                 f"no host has {gpus_per_node} free GPUs in one NVLink clique or NUMA node for node {node} "
                 f"({len(placements)} of {len(node_ids)} placed); free now: {_free_text(domains)}. Use fewer GPUs "
                 "per node, or name the hosts' NVLink cliques in the hosts file")
@@ -67,7 +79,7 @@ def place(node_ids: list[str], gpus_per_node: int, hosts: list[str], free: list[
         best = min(fitting, key=lambda d: (len(domains[d]), -host_free[d[0]], d))
         taken, domains[best] = domains[best][:gpus_per_node], domains[best][gpus_per_node:]
         placements.append(NodePlacement(node_id=node, host=best[0], gpus=taken))
-    return placements
+    return placements, None
 
 
 def _free_text(domains: dict[tuple[str, str], list[GpuSlot]]) -> str:

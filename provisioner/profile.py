@@ -58,7 +58,7 @@ class NodeTable(list):
     def _rows(self) -> tuple[list[str], list[list[str]]]:
         names = phase_names(self.backend)
         header = ["node", "host", "state", "attempts", *names.values(), "detail"]
-        rows = [[n["id"], n["host"], n["state"], str(n["attempts"]),
+        rows = [[n["id"], n["host"] or "-", n["state"], str(n["attempts"]),
                  *(seconds(n["profile"].get(state)) for state in names),
                  _detail(n)] for n in self]
         return header, rows

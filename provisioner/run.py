@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provisioner import envimage
+from provisioner import envimage, userdirs
 from provisioner.backends import Backend
 from provisioner.backends.cloud_hypervisor import CloudHypervisorBackend, StandinSettings
 from provisioner.backends.local import LocalBackend
@@ -26,8 +26,7 @@ from provisioner.spec import ClusterSpec
 from provisioner.hosts import Host, Inventory
 
 
-# The longest socket Ray makes under it: <dir>/n/1023/session_2026-11-27_06-01-47_722129_21163/sockets/plasma_store
-MAX_WORK_DIR = 107 - len("/n/1023/session_2026-11-27_06-01-47_722129_4194304/sockets/plasma_store")
+MAX_WORK_DIR = userdirs.MAX_RUN_DIR  # Ray's Unix sockets under it must fit in 107 bytes
 
 
 class ClusterRun:
@@ -68,7 +67,7 @@ class ClusterRun:
 
     async def up(self) -> list[NodeRecord]:
         self.status = "booting"
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        userdirs.ensure(self.work_dir, "run directory")  # this user's alone, or refused before anything starts
         try:
             self.engine.offer(await self.backend.open())
             self.engine.plan()  # short capacity fails here, before the head or any node starts
@@ -188,7 +187,8 @@ def _node_summary(record: NodeRecord) -> dict[str, Any]:
     history = record.history
     last = history.events[-1] if history.events else None
     return {
-        "id": record.node_id, "host": record.placement.host, "gpus": [g.address for g in record.placement.gpus],
+        "id": record.node_id, "host": record.placement.host if record.placement else None,
+        "gpus": [g.address for g in record.placement.gpus] if record.placement else [],
         "state": last.state.value if last else "new", "detail": last.detail if last else None,
         "since": last.at if last else None, "ray_node_id": record.ray_node_id, "attempts": len(record.attempts),
         "errors": record.errors, "profile": history.profile(),
@@ -198,8 +198,10 @@ def _node_summary(record: NodeRecord) -> dict[str, Any]:
 
 
 def default_work_dir(name: str) -> Path:
-    """Short, because Unix socket paths under it must fit in 107 bytes."""
-    return Path(os.environ.get("HEARTH_RUN_DIR", "/tmp/hearth")) / name
+    """The cluster's run directory under this user's run root (userdirs.py: per user, 0700, checked; short,
+    because Unix socket paths under it must fit in 107 bytes). The root is made and checked now; the cluster's
+    own directory when it starts."""
+    return userdirs.run_dir(name)
 
 
 async def first_error(*steps) -> None:

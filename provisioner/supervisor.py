@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from provisioner import userdirs
 from provisioner.run import ClusterRun, default_work_dir
 from provisioner.events import NodeEvent
 from provisioner.files import write_atomic
@@ -34,7 +35,8 @@ from provisioner.hosts import load_inventory
 
 
 def state_root() -> Path:
-    return Path(os.environ.get("HEARTH_STATE_DIR", "~/.hearth")).expanduser() / "clusters"
+    """Where every cluster's state directory is: this user's alone, checked on each call (userdirs.py)."""
+    return userdirs.state_root()
 
 
 def read_state(directory: Path) -> dict[str, Any] | None:

@@ -67,7 +67,7 @@ def rows(summary: dict[str, Any], now: float | None = None) -> tuple[float, floa
         if failures:
             failed_at = failures[-1]["at"] - origin
         phases = ", ".join(f"{names.get(b.phase, b.phase)} {b.end - b.start:.2f} s" for b in bars)
-        found.append(Row(node["id"], bars, failed_at, f"{node['id']} on {node.get('host', '?')}: {node['state']}"
+        found.append(Row(node["id"], bars, failed_at, f"{node['id']} on {node.get('host') or 'no host'}: {node['state']}"
                          + (f" ({node['detail']})" if node.get("detail") else "") + (f"\n{phases}" if phases else "")))
     last = max([b.end for r in found for b in r.bars] + [r.failed_at or 0 for r in found] + [0.0])
     span = max(last, (ended - origin) if ended else 0.0, 0.001)

@@ -45,8 +45,7 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_runtest_setup(item):
-    """`root(why)`, `requires(command)`: skip without them, except in CI, which runs as root with everything
-    scripts/test installs: there a skip would hide a broken setup, so it fails."""
+    """`root(why)`, `requires(command)`: skip without them, except in CI (see `lacking`)."""
     missing = []
     root = item.get_closest_marker("root")
     if root is not None and os.geteuid() != 0:
@@ -55,9 +54,17 @@ def pytest_runtest_setup(item):
         if shutil.which(required.args[0]) is None:
             missing.append(f"{required.args[0]} is not installed (scripts/test installs it)")
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail("; ".join(missing) + " (CI=true: this must not be skipped)")
-        pytest.skip("; ".join(missing))
+        lacking("; ".join(missing))
+
+
+def lacking(why: str) -> None:
+    """A test cannot run here for `why` (root, a program): it skips on a developer's machine; in CI, which runs as
+    root with everything scripts/test installs, a skip would hide a broken setup, so it fails. Fixtures that
+    need root or a program (sshd, the guest image, the QEMU bridge) say so through here too, so every test that
+    uses them behaves the same whether or not it carries a mark."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(why + " (CI=true: this must not be skipped)")
+    pytest.skip(why)
 
 
 @pytest.fixture
@@ -122,7 +129,10 @@ def agents(run_dir, tmp_path):
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
     """A real OpenSSH server on 127.0.0.1, with its own host key, and a client key it accepts."""
-    assert os.path.exists(SSHD), "Debian's openssh-server is needed (scripts/test installs it)"
+    if not os.path.exists(SSHD):
+        lacking("Debian's openssh-server (/usr/sbin/sshd) is not installed (scripts/test installs it)")
+    if os.geteuid() != 0:
+        lacking("the test's sshd runs as root (its privilege separation): run the tests as root")
     d = tmp_path_factory.mktemp("sshd")
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
@@ -163,6 +173,10 @@ Subsystem sftp internal-sftp
 def guest_image(request, tmp_path_factory):
     """The guest image every VM test boots: in CI (CI=true) built from scratch; elsewhere into
     HEARTH_TEST_IMAGE (default /var/cache/hearth/test-guest-image), reused while its inputs are unchanged."""
+    if os.geteuid() != 0:
+        lacking("building the guest image (debootstrap, a loop mount) needs root: run the tests as root")
+    if shutil.which("debootstrap") is None:
+        lacking("debootstrap is not installed (scripts/test installs it)")
     fresh = os.environ.get("CI") == "true"
     out = tmp_path_factory.mktemp("guest-image") if fresh else IMAGE
     started = time.monotonic()
@@ -187,6 +201,10 @@ def guest_image(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def qemu_bridge():
     """A bridge for the qemu backend's VMs, with the guests' gateway address on it."""
+    if os.geteuid() != 0:
+        lacking("a bridge and taps for QEMU's VMs need root: run the tests as root")
+    if shutil.which("qemu-system-x86_64") is None:
+        lacking("qemu-system-x86_64 is not installed (scripts/test installs qemu-system-x86)")
     name = f"hbrq{os.getpid() % 10000:04d}"
     for step in (["link", "add", name, "type", "bridge"], ["addr", "add", f"{QEMU_GATEWAY}/24", "dev", name],
                  ["link", "set", name, "up"]):

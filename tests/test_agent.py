@@ -99,7 +99,7 @@ def assert_nothing_left(agents, *names: str) -> None:
         assert list((agents.state(name) / "vms").iterdir()) == [], f"leases left on {name}"
         assert never_leased_twice(agents.state(name)) == {}
     links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
-    # this file's guests are on 10.251.0.0/16 (taps hth0afb...); other runs on this machine may have their own
+    # the fleet's taps: hth + the guest address in hex, 10.251.x.y (other runs on this machine have their own subnets)
     assert not [link["ifname"] for link in json.loads(links) if link["ifname"].startswith("hth0afb")], "taps left"
 
 

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
+from leaks import token_leaks
 from provisioner.run import ClusterRun
 from provisioner.errors import BootError
 from provisioner.errors import SpecError
@@ -269,17 +271,25 @@ def test_cli_up_status_job_down(tmp_path, run_dir):
         assert "cluster cli is up: 1 nodes" in up.stdout and "cli-0" in up.stdout
         again = run("up", "--nodes", "1", "--name", "cli")
         assert again.returncode == 1 and "already up" in again.stderr
-        state = json.loads(run("status", "--name", "cli", "--json").stdout)
+        status_json = run("status", "--name", "cli", "--json").stdout
+        state = json.loads(status_json)
         assert state["status"] == "ready" and state["nodes"][0]["state"] == "ready"
-        assert "token" not in json.dumps(state).lower()
         job = run("job", "submit", "--name", "cli", "--", "python", "-c", "print('hello from', 6 * 7)")
         assert job.returncode == 0 and "hello from 42" in job.stdout and "SUCCEEDED" in job.stdout
         failing = run("job", "submit", "--name", "cli", "--", "python", "-c", "raise SystemExit(3)")
         assert failing.returncode == 1 and "FAILED" in failing.stdout
         # Ray's own tools, pointed at the cluster by `hearth connect`, the token never on a command line
-        token = (tmp_path / "state/clusters/cli/token").read_text().strip()
+        token_file = tmp_path / "state/clusters/cli/token"
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         exports = run("connect", "--name", "cli")
-        assert exports.returncode == 0 and token not in exports.stdout and "RAY_AUTH_TOKEN_PATH=" in exports.stdout
+        assert exports.returncode == 0 and "RAY_AUTH_TOKEN_PATH=" in exports.stdout
+        # The token's value, wherever it could leak: command lines, the head's, nodes' and Ray's logs and files,
+        # the state files, what `hearth status`, `hearth up`, `hearth job` and `hearth connect` print
+        assert token_leaks(token, dirs=(run_dir, tmp_path / "state"), texts={
+            "status JSON": status_json, "status table": run("status", "--name", "cli").stdout,
+            "output of hearth up": up.stdout + up.stderr, "output of hearth job": job.stdout + job.stderr,
+            "output of hearth connect": exports.stdout}) == []
         venv = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
         tools = subprocess.run(["bash", "-c", f'eval "$({hearth} connect --name cli)"; ray status && '
                                 "ray job submit -- python -c \"print('ray job ran', 6 * 7)\""],

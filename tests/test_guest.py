@@ -123,13 +123,13 @@ def test_a_vmm_that_fails_at_start_fails_the_node_and_leaves_nothing(tmp_path, r
     assert not (run_dir / "run" / "vms").exists()  # its logs too, once the backend closed
 
 
-def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(request, tmp_path, bridge, image):
+def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(request, tmp_path, run_dir, bridge, image):
     """The whole path, as a user runs it: `hearth up` (its supervisor is the controller), a Ray job with a task
     on each VM, then the controller SIGKILLed: each guest's dead man's switch powers its VM off."""
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
     name = f"e2e{os.getpid() % 10000}"
-    run_dir = Path("/tmp/hq") / name  # short: Ray's socket paths live under it
+    run_dir = run_dir / name  # short (Ray's socket paths live under it), and this user's alone (userdirs.py)
     env = {**os.environ, "HEARTH_STATE_DIR": str(tmp_path / "state"), "HEARTH_RUN_DIR": str(run_dir.parent),
            "COLUMNS": "160"}
     started = time.monotonic()
@@ -188,13 +188,13 @@ def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(reque
     subprocess.run(["rm", "-rf", str(run_dir)])
 
 
-def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, bridge, image):
+def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, run_dir, bridge, image):
     """The dead man's switch holds during `ray start` too: the controller dies after the guests said hello,
     before they joined Ray."""
     hosts = tmp_path / "hosts.yaml"
     hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
     name = f"mid{os.getpid() % 10000}"
-    run_dir = Path("/tmp/hq") / name
+    run_dir = run_dir / name
     state_dir = tmp_path / "state"
     env = {**os.environ, "HEARTH_STATE_DIR": str(state_dir), "HEARTH_RUN_DIR": str(run_dir.parent)}
     up = subprocess.Popen([HEARTH, "up", "--backend", "qemu", "--hosts", str(hosts), "--image", str(image), "--nodes", "2",
@@ -226,7 +226,8 @@ def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, bridge, im
     subprocess.run(["rm", "-rf", str(run_dir)])
 
 
-def test_the_notebooks_work_runs_on_vms_in_its_own_environment(request, tmp_path, bridge, image, monkeypatch, capfd):
+def test_the_notebooks_work_runs_on_vms_in_its_own_environment(request, tmp_path, run_dir, bridge, image, monkeypatch,
+                                                               capfd):
     """Two VMs from the notebook API (`Pool`), in a directory holding the notebook's own module and data: a
     cell-defined function imports a pure-Python and a compiled package installed only in this (the
     controller's) environment, the module next to the notebook, and reads the data file by its relative path;
@@ -242,7 +243,7 @@ def test_the_notebooks_work_runs_on_vms_in_its_own_environment(request, tmp_path
     hosts.write_text(f"head_host: {GATEWAY}\nhosts:\n  - name: local\n    network: {{bridge: {bridge}, subnet: {SUBNET}}}\n")
     monkeypatch.chdir(notebook)
     monkeypatch.setenv("HEARTH_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("HEARTH_RUN_DIR", "/tmp/hq")
+    monkeypatch.setenv("HEARTH_RUN_DIR", str(run_dir))
     name = f"nb{os.getpid() % 10000}"
 
     def work(_):

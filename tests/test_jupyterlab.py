@@ -28,7 +28,7 @@ from provisioner.supervisor import read_state
 from provisioner.view import STALE_AFTER
 from test_engine import processes_mentioning
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.requires("chromium")]
 
 ROOT = Path(__file__).parents[1]
 SHOTS = ROOT / "test-artifacts" / "jupyterlab"
@@ -40,7 +40,7 @@ BOOT_S = 240  # a two-node local cluster on a busy two-core machine, with one re
 def lab(tmp_path, run_dir):
     """JupyterLab on loopback with a token, serving a copy of the quickstart; its own state, run, config and
     data directories, and no news or update checks (nothing here reaches the internet)."""
-    need("chromium", "jupyterlab", "playwright")
+    need("jupyterlab", "playwright")  # Python modules (the test extra); chromium: the mark above
     root = tmp_path / "notebooks"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, root)

@@ -18,7 +18,8 @@ import pytest
 
 from provisioner.errors import HearthError
 from provisioner.supervisor import read_state
-from browser import CHROMIUM, FLAGS, need
+from browser import CHROMIUM, FLAGS
+from leaks import token_leaks
 from test_engine import processes_mentioning
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,11 @@ def test_cluster_and_pool_verbs(isolated, run_dir):
         assert "2 ready" in html and "Ray head: up" in html and html.count("border-radius:3px") == 2
         table = cluster.nodes._repr_html_()  # a table, phases named for the local backend
         assert "<th>first output</th>" in table and table.count("<td>ready</td>") == 2
+        from provisioner.view import summary_html
+
+        live = "".join(summary_html(cluster._run.summary(), base_url="/user/me/", view=view) for view in ("live", "saved"))
+        assert token_leaks(cluster._run.head.token, dirs=(run_dir, Path(isolated["HEARTH_STATE_DIR"])), texts={
+            "view's HTML": html + live, "nodes table": table + repr(cluster.nodes), "repr": repr(cluster)}) == []
         assert cluster.scale(3).nodes[-1]["state"] == "ready" and len(cluster.nodes) == 3
         assert [n["id"] for n in cluster.scale(1).nodes] == ["verbs-0"]
         job = cluster.submit_job("python -c \"print('job ok')\"")
@@ -90,8 +96,10 @@ def test_rerun_closes_the_same_name_and_ray_follows_the_cluster_in_use(isolated,
     from provisioner import Cluster
     from provisioner.errors import SpecError
 
-    state = Path(isolated["HEARTH_STATE_DIR"]) / "clusters"
-    (state / "taken").mkdir(parents=True)
+    from provisioner.supervisor import state_root
+
+    state = state_root()  # made as hearth makes it: this user's alone (userdirs.py)
+    (state / "taken").mkdir(mode=0o700)
     (state / "taken" / "state.json").write_text(json.dumps({"pid": 1, "status": "ready"}))  # pid 1 lives
     with pytest.raises(SpecError, match="running in another process .pid 1"):
         Cluster(nodes=0, name="taken", show=False)
@@ -222,10 +230,10 @@ def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -
         return error.code, dict(error.headers), error.read()
 
 
+@pytest.mark.requires("chromium")
 def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp_path):
     """A `hearth up` cluster seen through a real Jupyter server: the status page (JSON, and in chromium), and
     the cluster's Ray dashboard proxied with its token added by the server, behind Jupyter's own login."""
-    need("chromium")
     name = "dashboard"  # the proxy finds the path after the cluster's prefix, not after the first "/dashboard/"
     port, token = _free_port(), "hearth-test-token"
     env = {**os.environ, **isolated}
@@ -284,6 +292,8 @@ def test_status_page_and_dashboard_through_jupyter_server(isolated, run_dir, tmp
         subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,900", f"{base}/hearth/?token={token}"],
                        capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 10_000
+        assert token_leaks(ray_token, dirs=(run_dir, Path(isolated["HEARTH_STATE_DIR"])), texts={
+            "status page": dom.stdout, "status page's JSON": json.dumps(data)}) == []
         fresh = [a if not a.startswith("--user-data-dir") else f"--user-data-dir={tmp_path / 'fresh'}" for a in browser]
         login = subprocess.run([*fresh, "--dump-dom", f"{base}/hearth/"], capture_output=True, text=True, timeout=120)
         assert f"hearth cluster {name}" not in login.stdout  # a browser without the token's cookie: no page

@@ -165,7 +165,8 @@ def test_hearth_down_leaves_a_kernels_cluster_to_its_kernel(tmp_path):
     """`hearth down` signals the pid in the state file: for a notebook's cluster that is the kernel itself."""
     kernel = subprocess.Popen(["sleep", "60"])
     try:
-        (tmp_path / "clusters" / "nb").mkdir(parents=True)
+        (tmp_path / "clusters").mkdir(mode=0o700)  # as hearth makes it: its own user's alone (userdirs.py)
+        (tmp_path / "clusters" / "nb").mkdir(mode=0o700)
         (tmp_path / "clusters" / "nb" / "state.json").write_text(json.dumps(
             {"name": "nb", "pid": kernel.pid, "status": "ready", "owner": "kernel"}))
         down = subprocess.run([str(Path(sys.executable).with_name("hearth")), "down", "--name", "nb"], text=True,

@@ -3,9 +3,9 @@
 A local host's socket is used as it is. For `ssh://user@host[:port]` the controller opens one SSH
 connection (asyncssh; the user's keys and known_hosts, or the ones the hosts file names, and host keys
 are always checked) and forwards a Unix socket in its run directory to the agent's socket on the host,
-the way `ssh -L local.sock:/run/hearth/agent.sock` does. No extra daemon or port: SSH is the
-authentication, the socket's group the authorisation to reach the agent. Every new HTTP connection is a new
-SSH channel, so an agent that restarts is reached again without reconnecting.
+the way `ssh -L local.sock:/run/hearth/agent.sock` does, and connects again when it drops (tunnel.py). No
+extra daemon or port: SSH is the authentication, the socket's group the authorisation to reach the agent.
+Every new HTTP connection is a new SSH channel, so an agent that restarts is reached again without reconnecting.
 
 Which controller calls is the agent's other question (auth.py): opening a controller's lease (`renew` the
 first time) answers a secret, which the client keeps in memory only (`identity`) and sends with every
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from provisioner import userdirs
 from provisioner.agent.auth import CONTROLLER_HEADER, SECRET_HEADER
 from provisioner.agent.envstore import SIZE_HEADER
 from provisioner.errors import AgentRefused, AgentUnreachable
@@ -55,6 +55,7 @@ class AgentClient:
                                        base_url="http://hearth-agent", timeout=httpx.Timeout(30.0))
         self._closers = list(closers)
         self.calls = 0
+        self.tunnel = None  # the SSH forward (tunnel.py) for a remote host
         self.calls_by_purpose: Counter[str] = Counter()  # what each request was for (the benchmark reports it)
         self.identity: tuple[str, str] | None = None  # (controller, secret) once its lease is open; never logged
 
@@ -156,6 +157,8 @@ class AgentClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:
+            if self.tunnel is not None and self.tunnel.problem:
+                raise AgentUnreachable(f"host {self.host}: {self.tunnel.problem}") from error
             raise AgentUnreachable(f"host {self.host}: the hearth agent at {self.socket_path} does not answer "
                                    f"({type(error).__name__}); is it running (systemctl status hearth-agent)?") from error
         if response.is_success:
@@ -182,35 +185,15 @@ async def _read(path: Path, offset: int, chunk: int, counted: list[int]) -> Asyn
 
 
 async def connect(host: Host, local_dir: Path) -> AgentClient:
-    """A client for `host`'s agent: its socket, or a forward of it through SSH into `local_dir`."""
+    """A client for `host`'s agent: its socket, or a forward of it through SSH into `local_dir`, kept up across
+    dropped connections (tunnel.py)."""
     if host.address == "local":
         return AgentClient(host.name, host.agent_socket)
-    import asyncssh
+    from provisioner.agent.tunnel import SshTunnel
 
-    user, hostname, port = re.fullmatch(r"ssh://(?:([^@/\s]+)@)?([^@/:\s]+)(?::(\d+))?", host.address).groups()
-    options: dict[str, Any] = {"port": int(port or 22), "username": user}
-    if host.ssh_identity is not None:
-        options["client_keys"] = [str(host.ssh_identity)]
-    if host.ssh_known_hosts is not None:
-        options["known_hosts"] = str(host.ssh_known_hosts)
-    try:
-        connection = await asyncssh.connect(hostname, **options)
-    except (OSError, asyncssh.Error) as error:
-        raise AgentUnreachable(f"host {host.name}: cannot connect over SSH to {host.address}: {error}. Check the "
-                               "controller's key is in the host's authorized_keys and the host key in known_hosts") from error
-    local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    local = local_dir / f"{host.name}.sock"
-    local.unlink(missing_ok=True)
-    try:
-        listener = await connection.forward_local_path(str(local), str(host.agent_socket))
-    except (OSError, asyncssh.Error) as error:
-        connection.close()
-        raise AgentUnreachable(f"host {host.name}: cannot forward {local} to {host.agent_socket} over SSH: {error}") from error
-
-    async def close() -> None:
-        listener.close()
-        connection.close()
-        await connection.wait_closed()
-        local.unlink(missing_ok=True)
-
-    return AgentClient(host.name, local, closers=[close])
+    userdirs.ensure(local_dir, "agent socket directory")  # whoever could swap the socket would get the Ray token
+    tunnel = SshTunnel(host, local_dir / f"{host.name}.sock")
+    await tunnel.open()
+    client = AgentClient(host.name, tunnel.local, closers=[tunnel.close])
+    client.tunnel = tunnel
+    return client

@@ -3,6 +3,7 @@
 A backend makes node processes from `NodeSpec`s; a node process boots, joins Ray and stops:
 
     await backend.open() -> free GPUs       reach the hosts (their agents), before anything is placed
+    await backend.free() -> free GPUs       ask them again (after a 409: another controller took a GPU since)
     await backend.carry(image) -> {host: d}  VMs: put the controller's environment image where the VMs can
                                             attach it (sent to each host that lacks it); what it took per host
     backend.node(spec, history, on_event)   -> NodeProcess (made, not started)
@@ -54,6 +55,8 @@ class Backend(Protocol):
     physical_gpus: bool  # whether nodes take GPUs from the hosts (VMs), or Ray fakes them (local)
 
     async def open(self) -> list[GpuSlot]: ...
+
+    async def free(self) -> list[GpuSlot]: ...
 
     async def carry(self, image: LocalImage) -> dict[str, dict]: ...
 

@@ -32,7 +32,8 @@ from provisioner.node import NodeSpec
 from provisioner.placement import GpuSlot, host_slots
 
 StandinSettings = Callable[[str], dict[str, Any]]
-AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (a restart) before it counts as failed
+AGENT_GONE_S = 60.0  # how long a node waits for its agent to come back (an agent restart, a dropped SSH
+# connection made again: agent/tunnel.py) before it counts as failed
 
 
 class CloudHypervisorBackend:
@@ -65,12 +66,17 @@ class CloudHypervisorBackend:
                         if i.get("image_problem")]
             if problems:
                 raise SpecError("; ".join(problems))
-            free = await asyncio.gather(*(a.gpus() for a in self.agents.values()))
+            free = await self.free()
         except BaseException:
             await self.close()
             raise
         await asyncio.gather(*(a.renew(self.controller, self.lease_s) for a in self.agents.values()))
         self._renewer = asyncio.create_task(self._renew())
+        return free
+
+    async def free(self) -> list[GpuSlot]:
+        """The GPUs every host has free now, as its agent says (GET /v1/gpus)."""
+        free = await asyncio.gather(*(a.gpus() for a in self.agents.values()))
         return [slot for agent, gpus in zip(self.agents.values(), free) for slot in host_slots(self.hosts[agent.host], gpus)]
 
     async def carry(self, image: LocalImage) -> dict[str, dict]:

@@ -43,6 +43,9 @@ class LocalBackend:
             self._launcher = asyncio.create_task(self._start_launcher())  # imports while the head starts
         return []  # no GPUs: Ray's num_gpus are nominal here
 
+    async def free(self) -> list:
+        return []
+
     async def carry(self, image) -> dict[str, dict]:
         return {}  # the nodes run in the controller's own environment
 

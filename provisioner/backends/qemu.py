@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from provisioner import userdirs
 from provisioner.envimage import LocalImage
 from provisioner.errors import SpecError
 from provisioner.events import NodeHistory, NodeState, NodeTracker, OnEvent
@@ -59,11 +60,16 @@ class QemuBackend:
 
     async def open(self) -> list:
         """Clear what a controller that was killed left in this run directory (its QEMUs power off by
-        themselves, but a new node must not meet one still holding its tap)."""
+        themselves, but a new node must not meet one still holding its tap). The directory is this user's alone
+        (userdirs.py), checked first: the pid files read here and the scripts QEMU runs as root live in it."""
+        userdirs.ensure(self.run_dir, "VM directory")
         for stale in self.run_dir.glob("*/"):
             await _end_stale(stale / "qemu.pid")
             shutil.rmtree(stale, ignore_errors=True)
         return []
+
+    async def free(self) -> list:
+        return []  # no GPUs under QEMU
 
     async def carry(self, image: LocalImage) -> dict[str, dict]:
         """The VMs run on this machine: they attach the controller's cached image as it is."""

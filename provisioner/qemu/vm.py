@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from provisioner import userdirs
 from provisioner.errors import SpecError, VmmError, VmmExited, VmmTimeout
 from provisioner.events import NodeState, NodeTracker
 from provisioner.guest_channel import GuestChannel
@@ -49,7 +51,7 @@ class QemuVm(VmDriver):
                 raise SpecError(f"image {self.node.image} lacks {name}: build it with `hearth guest build`")
 
     async def _start(self, deadline: float) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        userdirs.ensure(self.dir, "VM directory")  # QEMU runs a script from here as root: this user's alone
         image = self.node.image
         self.channel = GuestChannel(self.dir / "channel.sock", self.guest, self.link.on_message)
         await self.channel.start()
@@ -66,9 +68,7 @@ class QemuVm(VmDriver):
                 "-smbios", f"type=11,value=hearth-node={self.node.id}",
                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
                 "-serial", f"file:{self.serial_log}", "-pidfile", str(self.dir / "qemu.pid")]
-        ifup = self.dir / "ifup"
-        ifup.write_text(f"#!/bin/sh\nip link set \"$1\" master {self.network['bridge']} && ip link set \"$1\" up\n")
-        ifup.chmod(0o700)
+        ifup = self._write_ifup()
         argv += ["-netdev", f"tap,id=net0,ifname={self.network['tap']},script={ifup},downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={self.network['mac']}"]
         log = open(self.vmm_log, "ab")
@@ -81,6 +81,18 @@ class QemuVm(VmDriver):
         ifup.unlink()  # QEMU has made the tap by now
         self.tracker.transition(NodeState.vmm_started, f"qemu pid {self.process.pid}, {self.accel}")
         self.tracker.transition(NodeState.booting)
+
+    def _write_ifup(self) -> Path:
+        """The script QEMU runs (as this user: root, for taps) to put the tap on the bridge. It is written fresh,
+        mode 0700, never through a link, into the node's directory once that directory is checked to be this
+        user's alone (userdirs.py): nobody else can have planted or can swap what QEMU runs."""
+        userdirs.check(self.dir, what="VM directory")
+        ifup = self.dir / "ifup"
+        ifup.unlink(missing_ok=True)  # a crashed run's; the directory is ours
+        fd = os.open(ifup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"#!/bin/sh\nip link set \"$1\" master {self.network['bridge']} && ip link set \"$1\" up\n")
+        return ifup
 
     async def _qmp_ready(self, until: float) -> None:
         while True:
