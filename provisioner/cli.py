@@ -277,6 +277,8 @@ def agent(
     bridge: Annotated[Optional[str], typer.Option(help="The guests' bridge (a tap per VM goes on it).")] = None,
     subnet: Annotated[Optional[str], typer.Option(help="This host's guest subnet, e.g. 10.77.1.0/24.")] = None,
     group: Annotated[str, typer.Option(help="Group that may use the socket (admins, controllers' SSH user).")] = "hearth",
+    hugepages: Annotated[str, typer.Option(help="GPU VMs' memory from 1 GiB hugepages: auto (when free on the GPUs' "
+                                           "NUMA node, else 4 KiB pages with a warning), require, off.")] = "auto",
 ) -> None:
     """The host agent: serves this host's GPUs and VMs to controllers, on a Unix socket only (systemd runs it)."""
     from provisioner.agent.envstore import DEFAULT_MARGIN
@@ -293,7 +295,7 @@ def agent(
             _fail(f"HEARTH_STANDIN is not JSON ({error}): give it an object, e.g. '{{\"guest\": \"agent\"}}'", 2)
     config = _run(lambda: validated(AgentConfig, {
         "host_root": root, "state_dir": state_dir, "run_dir": run_dir, "cloud_hypervisor": cloud_hypervisor,
-        "bridge": bridge, "subnet": subnet, "standin": standin,
+        "bridge": bridge, "subnet": subnet, "standin": standin, "hugepages": hugepages,
         "env_margin": os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN}, "agent options"))
     _run(lambda: asyncio.run(serve(config, socket, group)))
 
@@ -302,16 +304,19 @@ def agent(
 def hosts_check(
     hosts: Annotated[Path, typer.Option(help="Hosts inventory (YAML).")],
     json_output: Annotated[bool, typer.Option("--json")] = False,
+    image: Annotated[Optional[Path], typer.Option(help="The guest image the nodes boot (built with --nvidia-driver): "
+                                                  "warn of GPUs its driver does not support.")] = None,
 ) -> None:
     """Reach every host's agent; one table of agent version, GPUs free, cloud-hypervisor, VFIO and network.
-    Exits 1 when any host is unreachable or has a problem."""
+    Exits 1 when any host is unreachable or has a problem (warnings, such as GPUs the image's driver does not
+    list, do not change it)."""
     import tempfile
 
     from provisioner.agent.check import gather, table
 
     inventory = _run(lambda: load_inventory(hosts))
     with tempfile.TemporaryDirectory(prefix="hearth-check-", dir="/tmp") as local:
-        rows = _run(lambda: asyncio.run(gather(inventory, Path(local))))
+        rows = _run(lambda: asyncio.run(gather(inventory, Path(local), image)))
     if json_output:
         typer.echo(json.dumps(rows, indent=1))
     else:
