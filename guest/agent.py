@@ -411,7 +411,9 @@ def kernel_words(limit: int = 8) -> list[str]:
                 lines.append(record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
         finally:
             os.close(fd)
-    return [" ".join(line.split()) for line in lines if "NVRM" in line or "nvidia" in line.lower()][-limit:]
+    noise = ("taints kernel", "tainting kernel", "Nvlink Core")  # said on every load, whatever happens
+    return [" ".join(line.split()) for line in lines
+            if ("NVRM" in line or "nvidia" in line.lower()) and not any(n in line for n in noise)][-limit:]
 
 
 def wait_for_devices(count: int, within: float) -> str | None:
