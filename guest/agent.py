@@ -334,8 +334,8 @@ def _toward(head: str) -> str:
 # device id, memory and ECC mode, and persistence mode on (it keeps the GPU initialised between clients: the
 # first initialisation, the GSP firmware's boot, takes seconds). NVML through nvidia-ml-py, NVIDIA's own binding
 # (pure Python, in the image's venv, imported only here): its ctypes layouts of NVML's structs are NVIDIA's, which
-# a hand-written binding could only be checked against on a GPU host. Tests hand `gpu_report` a stand-in with
-# its call shapes (tests/fakenvml.py).
+# a hand-written binding could only be checked against on a GPU host. Tests hand `read_gpus` a stand-in with its
+# call shapes (tests/fakenvml.py); the binding is an argument, never looked up from the environment.
 NVIDIA = "0x10de"
 GPU_CLASSES = ("0x0300", "0x0302")
 NV_MAJOR = 195  # nvidia.ko's fixed character major (NV_MAJOR_DEVICE_NUMBER); nvidiactl is minor 255
@@ -363,14 +363,21 @@ def gpu_report(found: list[dict], nvml_binding, *, wait_s: float = DEVICES_WAIT_
     if not found:
         return {"gpus": [], "driver": None, "problem": None, "seconds": None}
     started = time.monotonic()
-    problem = load_driver()
-    if problem is None:
-        problem = wait_for_devices(len(found), wait_s)
-    if problem is None:
-        make_device_nodes()
-        version, gpus, problem = read_bounded(nvml_binding, NVML_WAIT_S + NVML_PER_GPU_S * len(found))
+    try:
+        problem = load_driver()
         if problem is None:
-            return {"gpus": gpus, "driver": version, "problem": None, "seconds": round(time.monotonic() - started, 3)}
+            problem = wait_for_devices(len(found), wait_s)
+        if problem is None:
+            make_device_nodes()
+            version, gpus, problem = read_bounded(nvml_binding, NVML_WAIT_S + NVML_PER_GPU_S * len(found))
+            if problem is None and len(gpus) < len(found):  # the driver gave up on some (RmInitAdapter failed, ...)
+                problem = " | ".join([f"NVML lists {len(gpus)} of the {len(found)} NVIDIA GPUs on the PCI bus",
+                                      *kernel_words()])
+            if problem is None:
+                return {"gpus": gpus, "driver": version, "problem": None,
+                        "seconds": round(time.monotonic() - started, 3)}
+    except OSError as error:  # the device nodes, /proc: said as the driver's problem, not a crash of PID 1
+        problem = f"{error}"
     return {"gpus": found, "driver": None, "problem": problem, "seconds": round(time.monotonic() - started, 3)}
 
 
