@@ -161,3 +161,27 @@ def test_a_hosted_guest_reports_the_gpus_its_standin_passed_and_refuses_others(r
     failed = host_end.expect("failed")
     assert failed["detail"] == "GPUs: the node was given 2 (2 x 10de:2330), the guest found 1 (1 x 10de:2330)"
     guest.wait(30)
+
+
+def test_the_gpu_path_in_order_with_the_drivers_steps_stood_in(monkeypatch):
+    """`gpu_report` as a VM's agent runs it, the steps that need a kernel with the driver (modprobe, the driver's
+    probe, mknod) replaced: NVML's view is the report, and GPUs NVML does not list are the driver's problem."""
+    steps = []
+    monkeypatch.setattr(agent, "load_driver", lambda: steps.append("modprobe") or None)
+    monkeypatch.setattr(agent, "wait_for_devices", lambda count, within: steps.append(f"wait for {count}") or None)
+    monkeypatch.setattr(agent, "make_device_nodes", lambda: steps.append("mknod"))
+    found = [{"address": "0000:00:05.0", "device": "10de:2330"}, {"address": "0000:00:06.0", "device": "10de:2330"}]
+    both = [dict(H100), dict(H100, address="0000:00:06.0", uuid="GPU-2")]
+    report = agent.gpu_report(found, lambda: FakeNvml(both))
+    assert steps == ["modprobe", "wait for 2", "mknod"]
+    assert report["problem"] is None and report["driver"] == "570.124.06" and report["seconds"] >= 0
+    assert [g["uuid"] for g in report["gpus"]] == [H100["uuid"], "GPU-2"] and all(g["persistence"] for g in report["gpus"])
+    short = agent.gpu_report(found, lambda: FakeNvml([dict(H100)]))
+    assert short["gpus"] == found and short["problem"] == (
+        "NVML lists 1 of the 2 NVIDIA GPUs on the PCI bus | NVRM: GPU 0000:00:05.0: RmInitAdapter failed! (0x62:0x40:2153)")
+    monkeypatch.setattr(agent, "load_driver", lambda: "modprobe: FATAL: Module nvidia not found in directory "
+                                                       "/lib/modules/6.1.0-57-cloud-amd64")
+    unloaded = agent.gpu_report(found, lambda: FakeNvml(both))
+    assert unloaded["problem"].startswith("modprobe: FATAL: Module nvidia not found") and unloaded["driver"] is None
+    assert agent.gpu_summary(unloaded).startswith("NVIDIA GPUs 10de:2330 at 0000:00:05.0, 10de:2330 at 0000:00:06.0, "
+                                                  "but the driver did not come up: modprobe: FATAL")
