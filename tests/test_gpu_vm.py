@@ -302,3 +302,28 @@ def test_standin_passes_the_gpus_among_its_vfio_devices(tmp_path):
                           for i, a in enumerate(L40S_GPUS[:2])]}
     assert passed_gpus(config) == [{"address": "0001:00:01.0", "device": "10de:26b9"},
                                    {"address": "0002:00:01.0", "device": "10de:26b9"}]
+
+
+def test_hosts_check_warns_of_gpus_the_images_driver_does_not_list(tmp_path):
+    from provisioner.agent.check import warnings
+
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "manifest.json").write_text(json.dumps({"inputs": {"nvidia": {"driver": "535.261.03", "modules": "open"}}}))
+    (image / "supported-gpus.json").write_text(json.dumps({"chips": [
+        {"devid": "0x2330", "name": "NVIDIA H100 80GB HBM3", "features": ["kernelopen"]},
+        {"devid": "0x1DB1", "name": "Tesla V100-SXM2-16GB", "features": []}]}))
+    info = {"gpus": {"models": {"10de:2330": {"name": "GH100 [H100 SXM5 80GB]", "count": 4},
+                                "10de:2335": {"name": "GH100 [H200 SXM 141GB]", "count": 2},
+                                "10de:1db1": {"name": "GV100GL [Tesla V100 SXM2 16GB]", "count": 1}}},
+            "nvswitches": {"count": 0}}
+    assert warnings(info, image) == [
+        "1 x GV100GL [Tesla V100 SXM2 16GB] (10de:1db1): Tesla V100-SXM2-16GB (0x1DB1) is not supported by the open "
+        "kernel modules of 535.261.03: build with --nvidia-modules proprietary",
+        "2 x GH100 [H200 SXM 141GB] (10de:2335): NVIDIA's list for 535.261.03 does not name device 0x2335"]
+    assert warnings(info, None) == []  # no image named: nothing to compare with
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "manifest.json").write_text(json.dumps({"inputs": {}}))
+    assert all("has no NVIDIA driver: build it with `hearth guest build --nvidia-driver 550`" in w
+               for w in warnings(info, plain))
