@@ -92,9 +92,25 @@ def up(
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
     console.print(profile_table(state["nodes"], state["backend"]))
+    for line in gpu_lines(state["nodes"]):
+        console.print(line, markup=False, highlight=False)
     console.print(f"cluster {name} is up: {len(state['nodes'])} nodes, Ray at {state['ray']['address']}, "
                   f"dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
+
+
+def gpu_lines(nodes: list[dict]) -> list[str]:
+    """Per GPU node: the GPUs its guest found, and each warning its VM's layout carries (4 KiB pages instead of
+    hugepages, NVSwitches without Fabric Manager, ...), so that none goes unseen."""
+    lines = []
+    for node in nodes:
+        for event in node.get("events", []):
+            detail = event.get("detail") or ""
+            if event["state"] == "booting":
+                lines += [f"{node['id']}: warning: {w}" for w in detail.split("; warning: ")[1:]]
+            elif event["state"] == "guest_up" and "; GPUs: " in detail:
+                lines.append(f"{node['id']}: {detail.split('; ', 1)[1]}")
+    return lines
 
 
 def _follow(directory: Path, supervisor: subprocess.Popen, total: int) -> dict | None:

@@ -185,3 +185,19 @@ def test_the_gpu_path_in_order_with_the_drivers_steps_stood_in(monkeypatch):
     assert unloaded["problem"].startswith("modprobe: FATAL: Module nvidia not found") and unloaded["driver"] is None
     assert agent.gpu_summary(unloaded).startswith("NVIDIA GPUs 10de:2330 at 0000:00:05.0, 10de:2330 at 0000:00:06.0, "
                                                   "but the driver did not come up: modprobe: FATAL")
+
+
+def test_hearth_up_prints_each_gpu_nodes_gpus_and_layout_warnings():
+    from provisioner.cli import gpu_lines
+
+    nodes = [{"id": "c-0", "events": [
+        {"state": "booting", "detail": "memory 64 GiB on NUMA node 1 from 4 KiB pages; 8 vCPUs pinned to node 1's CPUs "
+                                       "56-111; warning: guest memory from 4 KiB pages, not 1 GiB hugepages: NUMA node 1 "
+                                       "has 10 free 1 GiB hugepages, the VM needs 64 there; VFIO pins every page. Fix: x"},
+        {"state": "guest_up", "detail": "guest agent up 1.20 s after the kernel started; GPUs: 1 x NVIDIA H100 80GB HBM3 "
+                                        "(10de:2330, 81559 MiB, ECC on, persistence on), driver 550.163.01 in 9.1 s"}]},
+        {"id": "c-1", "events": [{"state": "guest_up", "detail": "guest agent up 1.1 s ...; no NVIDIA GPU (0.01 s to look)"}]}]
+    assert gpu_lines(nodes) == [
+        "c-0: warning: guest memory from 4 KiB pages, not 1 GiB hugepages: NUMA node 1 has 10 free 1 GiB hugepages, the "
+        "VM needs 64 there; VFIO pins every page. Fix: x",
+        "c-0: GPUs: 1 x NVIDIA H100 80GB HBM3 (10de:2330, 81559 MiB, ECC on, persistence on), driver 550.163.01 in 9.1 s"]
