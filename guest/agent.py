@@ -1,11 +1,15 @@
 """The hearth guest agent: PID 1 of every node's VM, started by the initramfs right after the kernel.
 
-Standard library only, so it is up in a fraction of a second: boot time is the product.
+Standard library only, so it is up in a fraction of a second: boot time is the product. (With GPUs, NVML's
+Python binding, NVIDIA's nvidia-ml-py, comes from the image's venv: see "GPUs" below.)
 
-    1. mount /proc, /sys, /dev, /run, /tmp; load GPU modules and list GPUs when there are any
+    1. mount /proc, /sys, /dev, /run, /tmp; with NVIDIA GPUs: load the driver, wait for the devices, read each
+       GPU through NVML and turn persistence mode on ("no NVIDIA GPU" when there is none)
     2. open the guest channel: vsock CID 2 port 1024 (Cloud Hypervisor), else the virtio-serial port named
        hearth.channel (QEMU); say hello with the node id (SMBIOS OEM string) and boot phases
-    3. take the config: network (address, gateway), Ray (address, token, labels, CPUs, GPUs), env
+    3. take the config: network (address, gateway), Ray (address, token, labels, CPUs), env, the GPUs the VM
+       was given: refuse (failed, with the driver's own words: modprobe's and the kernel's NVRM lines) when the
+       GPUs found differ from those or the driver did not come up; Ray gets the GPUs the guest has
     4. `ray start` with the token in its environment (never on a command line); say ready, or say failed
        with `ray start`'s last words and power off
     5. heartbeat; power off when told to stop, or when the host end has been gone for `reconnect_s` (the
@@ -31,6 +35,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -143,17 +148,14 @@ class Vm:
                 hosts.write(f"127.0.1.1\t{name}\n")
 
     @staticmethod
-    def gpus() -> list[str]:
-        """NVIDIA GPUs passed through (PCI class 0x0300/0x0302); their driver is loaded when the image has it."""
-        found = []
-        for address in sorted(os.listdir("/sys/bus/pci/devices")):
-            base = f"/sys/bus/pci/devices/{address}"
-            if open(f"{base}/vendor").read().strip() == "0x10de" and open(f"{base}/class").read()[:6] in ("0x0300", "0x0302"):
-                found.append(address)
-        if found:
-            subprocess.run(["modprobe", "nvidia"], stderr=subprocess.DEVNULL)
-            subprocess.run(["modprobe", "nvidia_uvm"], stderr=subprocess.DEVNULL)
-        return found
+    def gpus() -> dict:
+        """The GPUs passed through, driver loaded and read (see `gpu_report`)."""
+        return gpu_report(pci_gpus("/sys"), nvml_binding)
+
+    @staticmethod
+    def no_gpu_words() -> str:
+        """Why there is no GPU, in the driver's words: it is loaded anyway and says so ("No NVIDIA GPU found")."""
+        return load_driver() or "the driver loaded, yet no NVIDIA GPU is on the guest's PCI bus"
 
     @staticmethod
     def connect() -> socket.socket | int:
@@ -267,8 +269,16 @@ class Hosted:
         pass  # the host's name is not the node's
 
     @staticmethod
-    def gpus() -> list[str]:
-        return []  # the host's GPUs are not this node's
+    def gpus() -> dict:
+        """The host's GPUs are not this node's, and it touches none: it reports the GPUs its stand-in VMM says
+        it passed (HEARTH_GUEST_GPUS), simulated, no driver."""
+        found = json.loads(os.environ.get("HEARTH_GUEST_GPUS") or "[]")
+        return {"gpus": [{**g, "name": "simulated by cloud-hypervisor-standin"} for g in found], "driver": None,
+                "problem": None, "seconds": None}
+
+    @staticmethod
+    def no_gpu_words() -> str:
+        return "the stand-in VMM passed no GPU (hosted guest: no driver to ask)"
 
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -324,6 +334,244 @@ def _toward(head: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((host, int(port)))
         return probe.getsockname()[0]
+
+
+# -- GPUs -----------------------------------------------------------------------------------------------
+# In the VM: the NVIDIA GPUs on its PCI bus (class 0x0300/0x0302), `modprobe nvidia nvidia_uvm` (the image built
+# with --nvidia-driver has the modules for its kernel), a bounded wait for the driver to probe each GPU
+# (/proc/driver/nvidia/gpus/<address>), the device nodes (no udev here), then NVML: each GPU's UUID, name, PCI
+# device id, memory and ECC mode, and persistence mode on (it keeps the GPU initialised between clients: the
+# first initialisation, the GSP firmware's boot, takes seconds). NVML through nvidia-ml-py, NVIDIA's own binding
+# (pure Python, in the image's venv, imported only here): its ctypes layouts of NVML's structs are NVIDIA's, which
+# a hand-written binding could only be checked against on a GPU host. Tests hand `read_gpus` a stand-in with its
+# call shapes (tests/fakenvml.py); the binding is an argument, never looked up from the environment.
+NVIDIA = "0x10de"
+GPU_CLASSES = ("0x0300", "0x0302")
+NV_MAJOR = 195  # nvidia.ko's fixed character major (NV_MAJOR_DEVICE_NUMBER); nvidiactl is minor 255
+DEVICES_WAIT_S = 30.0  # modprobe returns once the driver probed: this bounds a slow or stuck probe
+NVML_WAIT_S, NVML_PER_GPU_S = 60.0, 30.0  # the first NVML init boots each GPU's GSP (7 s for one in a published
+#   log); persistence mode took over 25 s on A100 (Azure/AgentBaker#2829): sized for the slow end, per GPU
+
+
+def pci_gpus(sysfs: str) -> list[dict]:
+    """NVIDIA GPUs on the PCI bus: [{"address": "0000:00:05.0", "device": "10de:2330"}]."""
+    found, base = [], f"{sysfs}/bus/pci/devices"
+    for address in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            vendor, device, pci_class = (open(f"{base}/{address}/{f}").read().strip() for f in ("vendor", "device", "class"))
+        except OSError:
+            continue
+        if vendor == NVIDIA and pci_class[:6] in GPU_CLASSES:
+            found.append({"address": address, "device": f"10de:{device[2:].lower()}"})
+    return found
+
+
+def gpu_report(found: list[dict], nvml_binding, *, wait_s: float = DEVICES_WAIT_S) -> dict:
+    """{"gpus": [...], "driver": version, "problem": the driver's words or None, "seconds": time taken}. No GPU:
+    nothing loaded, "seconds" None. A problem keeps the GPUs as the PCI bus shows them (address, device)."""
+    if not found:
+        return {"gpus": [], "driver": None, "problem": None, "seconds": None}
+    started = time.monotonic()
+    try:
+        problem = load_driver()
+        if problem is None:
+            problem = wait_for_devices(len(found), wait_s)
+        if problem is None:
+            make_device_nodes()
+            version, gpus, problem = read_bounded(nvml_binding, NVML_WAIT_S + NVML_PER_GPU_S * len(found))
+            if problem is None and len(gpus) < len(found):  # the driver gave up on some (RmInitAdapter failed, ...)
+                problem = " | ".join([f"NVML lists {len(gpus)} of the {len(found)} NVIDIA GPUs on the PCI bus",
+                                      *kernel_words()])
+            if problem is None:
+                return {"gpus": gpus, "driver": version, "problem": None,
+                        "seconds": round(time.monotonic() - started, 3)}
+    except OSError as error:  # the device nodes, /proc: said as the driver's problem, not a crash of PID 1
+        problem = f"{error}"
+    return {"gpus": found, "driver": None, "problem": problem, "seconds": round(time.monotonic() - started, 3)}
+
+
+def load_driver() -> str | None:
+    """`modprobe nvidia`, then `modprobe nvidia_uvm`: None when both loaded, else modprobe's words and the
+    kernel's NVRM lines."""
+    started = time.monotonic()
+    for module in ("nvidia", "nvidia_uvm"):
+        done = subprocess.run(["modprobe", module], capture_output=True, text=True)
+        if done.returncode != 0:
+            say(f"modprobe {module} failed after {time.monotonic() - started:.2f} s")
+            said = " ".join((done.stderr or done.stdout).split()) or f"modprobe {module} exited with {done.returncode}"
+            return " | ".join([said, *kernel_words()])
+    say(f"NVIDIA driver loaded (modprobe nvidia nvidia_uvm) in {time.monotonic() - started:.2f} s")
+    return None
+
+
+def kernel_words(limit: int = 8) -> list[str]:
+    """The kernel's latest lines about the NVIDIA driver (NVRM: ..., nvidia: ...): from /dev/kmsg, which PID 1
+    can read without a dmesg, else dmesg."""
+    lines = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        done = subprocess.run(["dmesg"], capture_output=True, text=True)
+        lines = done.stdout.splitlines()
+    else:
+        try:
+            while True:
+                try:
+                    record = os.read(fd, 8192)
+                except BlockingIOError:
+                    break  # read to the end
+                except BrokenPipeError:
+                    continue  # a record was overwritten while we read: go on with the next
+                if not record:
+                    break
+                lines.append(record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
+        finally:
+            os.close(fd)
+    noise = ("taints kernel", "tainting kernel", "Nvlink Core")  # said on every load, whatever happens
+    return [" ".join(line.split()) for line in lines
+            if ("NVRM" in line or "nvidia" in line.lower()) and not any(n in line for n in noise)][-limit:]
+
+
+def wait_for_devices(count: int, within: float) -> str | None:
+    """Until the driver lists `count` GPUs in /proc/driver/nvidia/gpus, for at most `within` s."""
+    deadline, listed = time.monotonic() + within, []
+    while True:
+        with contextlib.suppress(OSError):
+            listed = os.listdir("/proc/driver/nvidia/gpus")
+        if len(listed) >= count:
+            return None
+        if time.monotonic() > deadline:
+            return " | ".join([f"the driver loaded but lists {len(listed)} of {count} GPUs after {within:g} s",
+                               *kernel_words()])
+        time.sleep(0.05)
+
+
+def make_device_nodes() -> None:
+    """/dev/nvidiactl, /dev/nvidia<minor> per GPU, /dev/nvidia-uvm(-tools): the driver registers character
+    devices but makes no nodes (there is no udev in the guest to make them either)."""
+    majors = {}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/devices").read().split("Block devices:")[0].splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0].isdigit():
+                majors[fields[1]] = int(fields[0])
+    nvidia = majors.get("nvidia-frontend") or majors.get("nvidia") or NV_MAJOR
+    nodes = [("/dev/nvidiactl", nvidia, 255)]
+    for gpu in sorted(os.listdir("/proc/driver/nvidia/gpus")) if os.path.isdir("/proc/driver/nvidia/gpus") else []:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            information = open(f"/proc/driver/nvidia/gpus/{gpu}/information").read()
+            minor = int(information.split("Device Minor:")[1].split()[0])
+            nodes.append((f"/dev/nvidia{minor}", nvidia, minor))
+    if "nvidia-uvm" in majors:
+        nodes += [("/dev/nvidia-uvm", majors["nvidia-uvm"], 0), ("/dev/nvidia-uvm-tools", majors["nvidia-uvm"], 1)]
+    for path, major, minor in nodes:
+        with contextlib.suppress(FileExistsError):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)
+
+
+def nvml_binding():
+    """pynvml (nvidia-ml-py) from the image's venv, which `python -S` keeps off sys.path."""
+    site = f"{VENV}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    if site not in sys.path:
+        sys.path.append(site)
+    import pynvml
+
+    return pynvml
+
+
+def read_bounded(binding, within: float) -> tuple[str | None, list[dict], str | None]:
+    """`read_gpus` with NVML's first init (every GPU's GSP boot) bounded: (version, GPUs, problem)."""
+    result: dict = {}
+
+    def read() -> None:
+        try:
+            result["version"], result["gpus"] = read_gpus(binding())
+        except Exception as error:  # noqa: BLE001 - NVML's own words, whatever it raised
+            result["error"] = f"{type(error).__name__}: {error}"
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(within)
+    if reader.is_alive():
+        return None, [], " | ".join([f"NVML did not answer within {within:g} s", *kernel_words()])
+    if "error" in result:
+        return None, [], " | ".join([f"NVML: {result['error']}", *kernel_words()])
+    return result["version"], result["gpus"], None
+
+
+def read_gpus(nvml) -> tuple[str, list[dict]]:
+    """Each GPU through NVML (pynvml's calls): UUID, name, PCI address and device id, memory, ECC mode; and
+    persistence mode turned on. Raises NVML's error when the driver cannot answer."""
+    nvml.nvmlInit()
+    try:
+        version = _text(nvml.nvmlSystemGetDriverVersion())
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            pci = nvml.nvmlDeviceGetPciInfo(handle)
+            ids = pci.pciDeviceId  # NVML's (device << 16) | vendor
+            gpu = {"address": pci_address(_text(pci.busId)), "device": f"{ids & 0xFFFF:04x}:{ids >> 16:04x}",
+                   "name": _text(nvml.nvmlDeviceGetName(handle)), "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+                   "memory_mib": nvml.nvmlDeviceGetMemoryInfo(handle).total >> 20}
+            try:
+                gpu["ecc"] = "on" if nvml.nvmlDeviceGetEccMode(handle)[0] else "off"
+            except nvml.NVMLError:
+                gpu["ecc"] = "n/a"  # NVML_ERROR_NOT_SUPPORTED: a GPU without ECC
+            try:
+                nvml.nvmlDeviceSetPersistenceMode(handle, nvml.NVML_FEATURE_ENABLED)
+                gpu["persistence"] = True
+            except nvml.NVMLError as error:
+                gpu["persistence"] = False
+                gpu["persistence_error"] = str(error)
+            gpus.append(gpu)
+        return version, gpus
+    finally:
+        nvml.nvmlShutdown()
+
+
+def pci_address(bus_id: str) -> str:
+    """NVML's 00000000:3B:00.0 -> sysfs's 0000:3b:00.0."""
+    domain, bus, rest = bus_id.lower().split(":")
+    return f"{int(domain, 16):04x}:{bus}:{rest}"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_summary(report: dict) -> str:
+    """The GPUs in one line, for the hello's detail and the serial console."""
+    if not report["gpus"] and not report["problem"]:
+        return "no NVIDIA GPU"
+    if report["problem"]:
+        devices = ", ".join(f"{g['device']} at {g['address']}" for g in report["gpus"])
+        return f"NVIDIA GPUs {devices}, but the driver did not come up: {report['problem']}"
+    kinds: dict = {}
+    for gpu in report["gpus"]:
+        bits = [gpu["device"]] + ([f"{gpu['memory_mib']} MiB", f"ECC {gpu['ecc']}",
+                                   "persistence " + ("on" if gpu["persistence"] else "off")] if "uuid" in gpu else [])
+        kinds.setdefault(f"{gpu.get('name', gpu['device'])} ({', '.join(bits)})", []).append(gpu)
+    said = "; ".join(f"{len(v)} x {k}" for k, v in kinds.items())
+    return f"GPUs: {said}" + (f", driver {report['driver']} in {report['seconds']:.1f} s" if report["driver"] else "")
+
+
+def gpu_refusal(expected: list[dict], report: dict, machine) -> str | None:
+    """Why this node must not go on with its GPUs (None when they are the ones its VM was given and work): the
+    driver did not come up, or the GPUs found differ in number or PCI device id, with the driver's words."""
+    if report["problem"]:
+        return f"GPUs: the driver did not come up: {report['problem']}"
+    want = sorted(g["device"] for g in expected)
+    have = sorted(g["device"] for g in report["gpus"])
+    if want == have:
+        return None
+
+    def said(devices: list[str]) -> str:
+        return ", ".join(f"{devices.count(d)} x {d}" for d in sorted(set(devices))) or "none"
+
+    words = machine.no_gpu_words() if want and not have else ""
+    return (f"GPUs: the node was given {len(want)} ({said(want)}), the guest found {len(have)} ({said(have)})"
+            + (f"; the driver says: {words}" if words else ""))
 
 
 # -- the guest channel --------------------------------------------------------------------------------
@@ -517,25 +765,34 @@ def main() -> None:
     started = machine.uptime()
     me = machine.node_id()
     machine.set_hostname(me)
-    found = machine.gpus()
+    looking = time.monotonic()
+    gpus = machine.gpus()
+    looked = time.monotonic() - looking
     channel = Channel(machine)
-    hello = {"op": "hello", "node": me, "detail": f"guest agent up {started:.2f} s after the kernel started",
-             "phases": {"kernel_s": started, "agent_s": machine.uptime()}, "gpus": found}
+    summary = gpu_summary(gpus) + (f" ({looked:.3f} s to look)" if not gpus["gpus"] else "")
+    phases = {"kernel_s": started, "agent_s": machine.uptime(),
+              **({"gpu_s": gpus["seconds"]} if gpus["seconds"] is not None else {})}
+    hello = {"op": "hello", "node": me, "detail": f"guest agent up {started:.2f} s after the kernel started; {summary}",
+             "phases": phases, "gpus": gpus["gpus"], "gpu_driver": gpus["driver"], "gpu_problem": gpus["problem"]}
     node = Node(machine, channel, hello)
-    say(f"node {me}, up {started:.2f} s after the kernel started; GPUs: {', '.join(found) or 'none'}")
+    say(f"node {me}, up {started:.2f} s after the kernel started; {summary}")
     config = node.talk(within=60.0)
     configured = machine.uptime()
     say("config: " + (f"address {config['network']['address']}" if config.get("network") else "no network to set"))
     threading.Thread(target=node.serve, args=(float(config.get("reconnect_s", 30)),), daemon=True).start()
     env_image, python, env_s = config.get("env_image"), machine.python, 0.0
     try:
+        refusal = gpu_refusal(config.get("gpus") or [], gpus, machine)
+        if refusal:
+            raise RuntimeError(refusal)
         address = machine.configure_network(config.get("network") or {})
         if env_image:
             mounting = time.monotonic()
             python = machine.mount_env(env_image)
             env_s = time.monotonic() - mounting
             say(f"environment {env_image['key'][:12]} mounted in {env_s:.2f} s: Ray runs on {python}")
-        start_ray(machine, python, config["ray"], config.get("env") or {}, address,
+        ray = {**config["ray"], "num_gpus": len(gpus["gpus"])}  # the GPUs it has (and was given, checked above)
+        start_ray(machine, python, ray, config.get("env") or {}, address,
                   exact=bool(env_image) and env_image.get("interpreter") == "shipped")
     except Exception as error:  # noqa: BLE001 - whatever it is, the host hears why before the VM goes
         say(f"failed: {error}")

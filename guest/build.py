@@ -126,7 +126,8 @@ def _plan(ray_version: str, archive: gpus.Archive | None) -> tuple[dict, str]:
         "python": f"{PYTHON[0]}.{PYTHON[1]}",  # the nodes' Python: `hearth env pack` refuses a controller on another
     }
     if archive is not None:  # only then: an image without the driver keeps the inputs (and key) it had
-        inputs["nvidia"] = {**archive.resolve(), "headers": gpus.headers(inputs["kernel"]), "recipe": gpus.recipe()}
+        inputs["nvidia"] = {**archive.resolve(), "headers": gpus.headers(inputs["kernel"]), "recipe": gpus.recipe(),
+                            "binding": gpus.binding()}
     return inputs, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

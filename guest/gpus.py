@@ -33,7 +33,9 @@ package database:
     the proprietary ones use it on Turing and newer), with each package's copyright file. NVIDIA builds these
     against an old glibc (2.7-2.9 symbol versions), so trixie's run on bookworm's 2.36; the build checks that
     in the image itself (`ldd`, `nvidia-smi -h`, and Python loading each library) rather than trusting it.
-    Libraries go into `/usr/lib/x86_64-linux-gnu` with their soname links and `ldconfig` is run. No CUDA toolkit:
+    Libraries go into `/usr/lib/x86_64-linux-gnu` with their soname links and `ldconfig` is run. NVML's Python
+    binding, nvidia-ml-py (NVIDIA's own, pure Python), goes into the image's venv at the controller's version: the
+    guest agent reads its GPUs with it (guest/agent.py), importing it only when there are GPUs. No CUDA toolkit:
     the CUDA runtime comes with the notebook's environment (PyTorch wheels). No `nvidia-modprobe`: it is the
     setuid helper for non-root processes, and the guest's processes run as root, which create `/dev/nvidia*`
     themselves.
@@ -45,8 +47,8 @@ package database:
     manifest; `support()` answers from it whether a PCI device id works with a flavour. Nothing here is a
     hand-written GPU list.
 
-The driver's versions (upstream and every Debian package's), the flavour, the kernel headers and this file's hash
-are the image's `inputs["nvidia"]`, so they are part of its cache key. The archive is read through an apt
+The driver's versions (upstream and every Debian package's), the flavour, the kernel headers, the NVML binding's
+version and this file's hash are the image's `inputs["nvidia"]`, so they are part of its cache key. The archive is read through an apt
 configuration of the build's own (a sources list, lists and caches in a temporary directory); the host's apt
 configuration and state are not changed.
 """
@@ -61,9 +63,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from provisioner.errors import HearthError
@@ -214,6 +218,15 @@ def recipe() -> str:
     return _sha256(Path(__file__))
 
 
+def binding() -> str:
+    """The NVML binding the guest agent uses, pinned to the controller's (hearth depends on it for vfio/nvml.py)."""
+    try:
+        return f"nvidia-ml-py=={version('nvidia-ml-py')}"
+    except PackageNotFoundError:
+        raise DriverError("nvidia-ml-py is not installed in this controller's environment: pip install "
+                          "nvidia-ml-py (hearth depends on it)") from None
+
+
 def headers(kernel: str) -> str:
     """linux-image-6.1.0-57-cloud-amd64=6.1.192-3 -> linux-headers-6.1.0-57-cloud-amd64=6.1.192-3."""
     return kernel.replace("linux-image-", "linux-headers-", 1)
@@ -253,6 +266,7 @@ def install(root: Path, work: Path, archive: Archive, inputs: dict, kernel_tree:
     absent = [f for f in wanted if not (root / "usr/lib/firmware" / f).is_file()]
     if absent:
         raise DriverError(f"nvidia.ko asks for firmware the image lacks: {', '.join(absent)}")
+    _binding(root, work, nvidia["binding"])
     glibc = _check_user_space(root, nvidia["driver"])
     listing = extracted["nvidia-driver"] / "usr/share/doc/nvidia-driver/supported-gpus.json.gz"
     chips = gzip.decompress(listing.read_bytes())
@@ -354,6 +368,19 @@ def _user_space(tree: Path, root: Path, package: str) -> None:
             shutil.copy2(path, destination)
 
 
+def _binding(root: Path, work: Path, pin: str) -> None:
+    """nvidia-ml-py into the image's venv, from the controller's index (its pip), installed offline in the image."""
+    wheels = work / "nvml-binding"
+    _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
+          "--no-deps", "-d", str(wheels), pin], f"pip download {pin}")
+    (wheel,) = wheels.glob("*.whl")
+    shutil.copy(wheel, root / "tmp" / wheel.name)
+    _run(["chroot", str(root), "/opt/hearth/venv/bin/pip", "install", "-q", "--no-index", "--no-deps",
+          "--disable-pip-version-check", f"/tmp/{wheel.name}"], f"pip install {wheel.name} in the image")
+    (root / "tmp" / wheel.name).unlink()
+    shutil.rmtree(wheels)
+
+
 def _check_user_space(root: Path, driver: str) -> str:
     """The user-space files load and run with the image's own glibc."""
     libraries = ["libnvidia-ml.so.1", "libcuda.so.1", "libnvidia-ptxjitcompiler.so.1",
@@ -370,6 +397,11 @@ def _check_user_space(root: Path, driver: str) -> str:
     # symbol version against the image's glibc.
     _run(["chroot", str(root), "python3", "-c", "import ctypes, sys; [ctypes.CDLL(n) for n in sys.argv[1:]]", *libraries],
          "loading NVIDIA's libraries with the image's glibc")
+    # The binding as the guest agent gets it (`python -S`, the venv's site-packages added) finds libnvidia-ml.
+    _run(["chroot", str(root), "/opt/hearth/venv/bin/python3", "-S", "-c",
+          "import sys; sys.path.append('/opt/hearth/venv/lib/python%d.%d/site-packages' % sys.version_info[:2]); "
+          "import pynvml; pynvml._LoadNvmlLibrary(); assert pynvml.nvmlLib"],
+         "loading libnvidia-ml through nvidia-ml-py in the image")
     for node in (root / "dev").glob("nvidia*"):
         node.unlink()
     return _run(["chroot", str(root), "ldd", "--version"], "ldd --version").stdout.splitlines()[0]

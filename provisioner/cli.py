@@ -100,6 +100,8 @@ def up(
         error = (state or {}).get("error") or f"the supervisor exited; see {directory / 'supervisor.log'}"
         _fail(f"cluster {name} did not come up, and nothing is left running:\n{error}", 1)
     console.print(profile_table(state["nodes"], state["backend"]))
+    for line in gpu_lines(state["nodes"]):
+        console.print(line, markup=False, highlight=False)
     ready = [n for n in state["nodes"] if n["state"] == "ready"]
     for node in state["nodes"]:
         if node["state"] != "ready":  # with --min-nodes, the cluster is up without it: say why
@@ -107,6 +109,20 @@ def up(
     console.print(f"cluster {name} is up: {len(ready)} nodes" + (f" of {len(state['nodes'])}" if len(ready) < len(
         state["nodes"]) else "") + f", Ray at {state['ray']['address']}, dashboard {state['ray']['dashboard']}")
     console.print(f"run `hearth job submit --name {name} -- CMD`; stop it with `hearth down --name {name}`")
+
+
+def gpu_lines(nodes: list[dict]) -> list[str]:
+    """Per GPU node: the GPUs its guest found, and each warning its VM's layout carries (4 KiB pages instead of
+    hugepages, NVSwitches without Fabric Manager, ...), so that none goes unseen."""
+    lines = []
+    for node in nodes:
+        for event in node.get("events", []):
+            detail = event.get("detail") or ""
+            if event["state"] == "booting":
+                lines += [f"{node['id']}: warning: {w}" for w in detail.split("; warning: ")[1:]]
+            elif event["state"] == "guest_up" and "; GPUs: " in detail:
+                lines.append(f"{node['id']}: {detail.split('; ', 1)[1]}")
+    return lines
 
 
 def _follow(directory: Path, supervisor: subprocess.Popen, total: int) -> dict | None:
@@ -291,6 +307,8 @@ def agent(
     bridge: Annotated[Optional[str], typer.Option(help="The guests' bridge (a tap per VM goes on it).")] = None,
     subnet: Annotated[Optional[str], typer.Option(help="This host's guest subnet, e.g. 10.77.1.0/24.")] = None,
     group: Annotated[str, typer.Option(help="Group that may use the socket (admins, controllers' SSH user).")] = "hearth",
+    hugepages: Annotated[str, typer.Option(help="GPU VMs' memory from 1 GiB hugepages: auto (when free on the GPUs' "
+                                           "NUMA node, else 4 KiB pages with a warning), require, off.")] = "auto",
 ) -> None:
     """The host agent: serves this host's GPUs and VMs to controllers, on a Unix socket only (systemd runs it)."""
     from provisioner.agent.envstore import DEFAULT_MARGIN
@@ -307,7 +325,7 @@ def agent(
             _fail(f"HEARTH_STANDIN is not JSON ({error}): give it an object, e.g. '{{\"guest\": \"agent\"}}'", 2)
     config = _run(lambda: validated(AgentConfig, {
         "host_root": root, "state_dir": state_dir, "run_dir": run_dir, "cloud_hypervisor": cloud_hypervisor,
-        "bridge": bridge, "subnet": subnet, "standin": standin,
+        "bridge": bridge, "subnet": subnet, "standin": standin, "hugepages": hugepages,
         "env_margin": os.environ.get("HEARTH_AGENT_ENV_MARGIN") or DEFAULT_MARGIN}, "agent options"))
     _run(lambda: asyncio.run(serve(config, socket, group)))
 
@@ -316,16 +334,19 @@ def agent(
 def hosts_check(
     hosts: Annotated[Path, typer.Option(help="Hosts inventory (YAML).")],
     json_output: Annotated[bool, typer.Option("--json")] = False,
+    image: Annotated[Optional[Path], typer.Option(help="The guest image the nodes boot (built with --nvidia-driver): "
+                                                  "warn of GPUs its driver does not support.")] = None,
 ) -> None:
     """Reach every host's agent; one table of agent version, GPUs free, cloud-hypervisor, VFIO and network.
-    Exits 1 when any host is unreachable or has a problem."""
+    Exits 1 when any host is unreachable or has a problem (warnings, such as GPUs the image's driver does not
+    list, do not change it)."""
     import tempfile
 
     from provisioner.agent.check import gather, table
 
     inventory = _run(lambda: load_inventory(hosts))
     with tempfile.TemporaryDirectory(prefix="hearth-check-", dir="/tmp") as local:
-        rows = _run(lambda: asyncio.run(gather(inventory, Path(local))))
+        rows = _run(lambda: asyncio.run(gather(inventory, Path(local), image)))
     if json_output:
         typer.echo(json.dumps(rows, indent=1))
     else:

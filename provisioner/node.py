@@ -105,6 +105,20 @@ class NodeSpec(BaseModel):
         return value
 
 
+class ExpectedGpu(BaseModel):
+    """A GPU the node's VM is given, as its host knows it: the guest must find one like it (count and PCI
+    device id; the guest sees its own addresses, not the host's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    address: str  # on the host
+    device: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")  # vendor:device, "10de:2330"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return parse_address(value)
+
+
 class GuestNetwork(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     address: str  # the guest's, with its prefix: 10.77.1.5/24
@@ -122,11 +136,13 @@ class GuestConfig(BaseModel):
     network: GuestNetwork | None = None
     env_image: EnvImage | None = None  # a disk with it is attached: mount it and run Ray from it
     reconnect_s: float = 30.0  # how long the guest waits for a host end that went away before it powers off
+    gpus: list[ExpectedGpu] = []  # what the VM is given: the guest refuses to go on without exactly these
 
     @classmethod
-    def for_node(cls, node: NodeSpec, *, network: GuestNetwork | None, reconnect_s: float) -> GuestConfig:
+    def for_node(cls, node: NodeSpec, *, network: GuestNetwork | None, reconnect_s: float,
+                 gpus: list[ExpectedGpu] | None = None) -> GuestConfig:
         return cls(node=node.id, ray=node.ray, env=node.env, network=network, env_image=node.env_image,
-                   reconnect_s=reconnect_s)
+                   reconnect_s=reconnect_s, gpus=gpus or [])
 
     def message(self) -> dict:
         """The wire form: {"op": "config", ...}, the token included (the channel is the VM's own)."""

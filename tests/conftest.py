@@ -30,8 +30,13 @@ GUEST = [sys.executable, str(Path(__file__).parent / "guests/channel_guest.py")]
 SSHD = "/usr/sbin/sshd"
 HEARTH = str(VENV_BIN / "hearth")
 IMAGE = Path(os.environ.get("HEARTH_TEST_IMAGE", "/var/cache/hearth/test-guest-image"))
-QEMU_SUBNET = "10.253.0.0/24"
-QEMU_GATEWAY = "10.253.0.1"
+NVIDIA_IMAGE = os.environ.get("HEARTH_TEST_NVIDIA_IMAGE", "/var/cache/hearth/test-guest-image-nvidia")  # + 550, ...
+NVIDIA_DRIVERS = os.environ.get("HEARTH_TEST_NVIDIA_DRIVERS", "550,535").split(",")
+# The qemu backend's guests' subnet on this machine's test bridge; HEARTH_TEST_QEMU_SUBNET moves it (a /24) when
+# another run's bridge holds this one.
+QEMU_SUBNET = os.environ.get("HEARTH_TEST_QEMU_SUBNET", "10.253.0.0/24")
+QEMU_GATEWAY = QEMU_SUBNET.rsplit(".", 1)[0] + ".1"
+QEMU_TAPS = "hth" + bytes(int(o) for o in QEMU_SUBNET.split(".")[:3]).hex()  # its guests' taps (net.tap_name)
 
 
 def say(request, text: str) -> None:
@@ -196,6 +201,49 @@ def guest_image(request, tmp_path_factory):
     yield out
     if fresh:
         subprocess.run(["rm", "-rf", str(out)])
+
+
+@pytest.fixture(scope="session")
+def nvidia_images(request, tmp_path_factory):
+    """`nvidia_images("550")` (or "535", "550:proprietary"): the guest image with NVIDIA's driver, built once per
+    session whoever asks first (the image tests, the QEMU boots), in CI (CI=true) from scratch, elsewhere into
+    HEARTH_TEST_NVIDIA_IMAGE<name> (default /var/cache/hearth/test-guest-image-nvidia550), reused while its inputs
+    are unchanged. Returns (branch, flavour, directory, manifest)."""
+    fresh = os.environ.get("CI") == "true"
+    built: dict[str, tuple] = {}
+
+    def get(driver: str) -> tuple:
+        if driver not in built:
+            branch, _, flavour = driver.partition(":")
+            name = f"{branch}{'-' + flavour if flavour else ''}"
+            out = tmp_path_factory.mktemp(f"guest-image-nvidia{name}") if fresh else Path(f"{NVIDIA_IMAGE}{name}")
+            command = [HEARTH, "guest", "build", "--out", str(out), "--nvidia-driver", branch,
+                       *(["--nvidia-modules", flavour] if flavour else [])]
+            started = time.monotonic()
+            done = subprocess.run(command, capture_output=True, text=True, timeout=3000)
+            assert done.returncode == 0, done.stdout + done.stderr
+            took = time.monotonic() - started
+            manifest = json.loads((out / "manifest.json").read_text())
+            for file, digest in manifest["files"].items():
+                assert hashlib.sha256((out / file).read_bytes()).hexdigest() == digest, f"{file} does not match the manifest"
+            started = time.monotonic()
+            again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
+            assert json.loads((out / "manifest.json").read_text()) == manifest
+            nvidia = manifest["nvidia"]
+            say(request, f"\nguest image {out} with NVIDIA {manifest['inputs']['nvidia']['driver']} "
+                         f"({manifest['inputs']['nvidia']['modules']}): {'reused' if 'reused' in done.stdout else 'built'} "
+                         f"in {took:.1f} s (from scratch it took {manifest['built_s']} s, the modules "
+                         f"{nvidia['modules_s']} s of which DKMS compiling {nvidia['dkms_s']} s with -j{nvidia['jobs']}); "
+                         f"a rebuild with the same inputs: {time.monotonic() - started:.1f} s; "
+                         f"rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+            built[driver] = (branch, flavour or "open", out, manifest)
+        return built[driver]
+
+    yield get
+    if fresh:
+        for _, _, out, _ in built.values():
+            subprocess.run(["rm", "-rf", str(out)])
 
 
 @pytest.fixture(scope="session")

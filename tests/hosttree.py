@@ -1,9 +1,11 @@
 """Sysfs-shaped host trees for tests, and a stand-in for the kernel's side of the PCI bind writes.
 
-`HostTree` lays out what the kernel shows: `/sys/devices/pci0000:00/<address>/` with its attribute files,
-`/sys/bus/pci/devices/<address>` as a relative symlink to it, `driver` and `iommu_group` symlinks,
-`/sys/bus/pci/drivers/<name>/` with a link per bound device, `/sys/kernel/iommu_groups/N/devices/`,
-`/sys/module/*`, `/proc/cmdline`, `/proc/cpuinfo`, `/proc/<pid>/fd/*` links, `/dev/vfio`.
+`HostTree` lays out what the kernel shows: `/sys/devices/pci0000:00/<address>/` with its attribute files (its
+`resource` file in the kernel's format when BARs are given), `/sys/bus/pci/devices/<address>` as a relative
+symlink to it, `driver` and `iommu_group` symlinks, `/sys/bus/pci/drivers/<name>/` with a link per bound device,
+`/sys/kernel/iommu_groups/N/devices/`, `/sys/devices/system/node/node<N>/` (cpulist, 1 GiB hugepages),
+`/sys/module/*`, `/proc/cmdline`, `/proc/cpuinfo` (with its address sizes), `/proc/<pid>/fd/*` links,
+`/dev/vfio`.
 
 `FakeKernel` is a STAND-IN, not the kernel: `drivers/*/bind`, `drivers/*/unbind` and `drivers_probe` are
 FIFOs, and a thread per FIFO does what the kernel does on those writes (move the `driver` links, honour
@@ -18,6 +20,10 @@ import os
 import threading
 from pathlib import Path
 
+# IORESOURCE_* flags as /sys/.../resource shows them (include/linux/ioport.h): memory, its alignment is its size
+MEM32 = 0x40200  # 32-bit, non-prefetchable
+MEM64_PREF = 0x14220C  # 64-bit, prefetchable (with the BAR's own type bits in the low nibble)
+ROM = 0x46200
 NATIVE_BY_CLASS = {0x0300: "nvidia", 0x0302: "nvidia", 0x0403: "snd_hda_intel", 0x0C03: "xhci_hcd",
                    0x0C80: "nvidia-gpu", 0x0680: "nvidia", 0x0200: "mlx5_core", 0x0604: "pcieport"}
 
@@ -25,7 +31,10 @@ NATIVE_BY_CLASS = {0x0300: "nvidia", 0x0302: "nvidia", 0x0403: "snd_hda_intel", 
 class HostTree:
     def __init__(self, root: Path, *, cpu: str = "GenuineIntel", cmdline: str = "intel_iommu=on iommu=pt",
                  modules: tuple[str, ...] = ("vfio", "vfio_pci", "vfio_iommu_type1"),
-                 hugepages_1g: int = 0, drivers: tuple[str, ...] = ("vfio-pci",)) -> None:
+                 hugepages_1g: int = 0, drivers: tuple[str, ...] = ("vfio-pci",),
+                 nodes: dict[int, str] | None = None, address_bits: int | None = 46) -> None:
+        """`nodes`: NUMA node -> its cpulist (default: node 0 with CPUs 0-3); `hugepages_1g` is spread evenly
+        over them. `address_bits`: the CPU's physical address width in /proc/cpuinfo (None: not stated)."""
         self.root = root
         self.native: dict[str, str | None] = {}
         self.sys = root / "sys"
@@ -34,7 +43,8 @@ class HostTree:
         self.fifo(self.sys / "bus/pci/drivers_probe")
         (root / "proc").mkdir(exist_ok=True)
         (root / "proc/cmdline").write_text(f"BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro {cmdline}\n")
-        (root / "proc/cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {cpu}\n")
+        sizes = f"address sizes\t: {address_bits} bits physical, 57 bits virtual\n" if address_bits else ""
+        (root / "proc/cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {cpu}\n{sizes}")
         for module in modules:
             self.module(module)
         if "vfio" in modules:
@@ -50,8 +60,41 @@ class HostTree:
             pages.mkdir(parents=True, exist_ok=True)
             (pages / "nr_hugepages").write_text(f"{count}\n")
             (pages / "free_hugepages").write_text(f"{count}\n")
+        nodes = nodes or {0: "0-3"}
+        for number, cpus in nodes.items():
+            node = self.sys / f"devices/system/node/node{number}"
+            node.mkdir(parents=True)
+            (node / "cpulist").write_text(cpus + "\n")
+        self.hugepages(*(hugepages_1g // len(nodes) + (hugepages_1g % len(nodes) if n == min(nodes) else 0)
+                         for n in sorted(nodes)))
+        self._mmio = {32: 0xC0000000, 64: 0x400_0000_0000}
         for driver in drivers:
             self.driver(driver)
+
+    def hugepages(self, *free: int, total: tuple[int, ...] | None = None) -> None:
+        """1 GiB hugepages per NUMA node (in node order): `free` of `total` (default: all free); the host's
+        totals in /sys/kernel/mm/hugepages follow."""
+        nodes = sorted(int(n.name[4:]) for n in (self.sys / "devices/system/node").glob("node*"))
+        total = total or free
+        for number, count, configured in zip(nodes, free, total):
+            pages = self.sys / f"devices/system/node/node{number}/hugepages/hugepages-1048576kB"
+            pages.mkdir(parents=True, exist_ok=True)
+            (pages / "nr_hugepages").write_text(f"{configured}\n")
+            (pages / "free_hugepages").write_text(f"{count}\n")
+        (self.sys / "kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages").write_text(f"{sum(total)}\n")
+        (self.sys / "kernel/mm/hugepages/hugepages-1048576kB/free_hugepages").write_text(f"{sum(free)}\n")
+
+    def resource(self, address: str, bars: list[tuple[int, int, int]]) -> None:
+        """Write a device's `resource` file as the kernel does: lines 0-5 the BARs, 6 the ROM, then the rest,
+        each `start end flags` in %#018x; `bars` is (index, size, flags), placed naturally aligned."""
+        lines = [(0, 0, 0)] * 13
+        for index, size, flags in bars:
+            wide = 64 if flags & 0x100000 else 32
+            start = -(-self._mmio[wide] // size) * size
+            self._mmio[wide] = start + size
+            lines[index] = (start, start + size - 1, flags)
+        text = "".join(f"0x{a:016x} 0x{b:016x} 0x{c:016x}\n" for a, b, c in lines)
+        (self.sys / "bus/pci/devices" / address / "resource").write_text(text)
 
     @staticmethod
     def fifo(path: Path) -> None:
@@ -74,7 +117,7 @@ class HostTree:
     def device(self, address: str, vendor: int, device: int, pci_class: int, *, driver: str | None = None,
                group: int | None = None, numa: int = 0, native: str | None = "class",
                subsystem: tuple[int, int] = (0x10DE, 0x16C1), link: tuple[str, int] = ("32.0 GT/s PCIe", 16),
-               reset: str | None = "flr bus") -> Path:
+               reset: str | None = "flr bus", bars: list[tuple[int, int, int]] | None = None) -> Path:
         base = self.sys / "devices/pci0000:00" / address
         base.mkdir(parents=True)
         files = {"vendor": f"0x{vendor:04x}", "device": f"0x{device:04x}", "class": f"0x{pci_class:06x}",
@@ -89,6 +132,8 @@ class HostTree:
         if pci_class >> 8 == 0x0604:
             (base / "pci_bus").mkdir()
         _link(self.sys / "bus/pci/devices" / address, base)
+        if bars is not None:
+            self.resource(address, bars)
         if group is not None:
             group_dir = self.sys / "kernel/iommu_groups" / str(group)
             (group_dir / "devices").mkdir(parents=True, exist_ok=True)

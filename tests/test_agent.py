@@ -170,6 +170,20 @@ def test_hosts_check_reports_every_host_in_one_table(fleet, agents, run_dir, tmp
     good = json.loads(subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--json"],
                                      capture_output=True, text=True, env=env, timeout=60).stdout)
     assert all(len(r["problems"]) == 1 and "STAND-IN" in r["problems"][0] for r in good), good
+    # warned of, not a problem: the NVSwitches need Fabric Manager; the image's driver does not list the H100s
+    image = tmp_path / "nvidia-image"
+    image.mkdir()
+    (image / "manifest.json").write_text(json.dumps({"inputs": {"nvidia": {"driver": "535.261.03", "modules": "open"}}}))
+    (image / "supported-gpus.json").write_text(json.dumps({"chips": [{"devid": "0x26B9", "name": "NVIDIA L40S",
+                                                                       "features": ["kernelopen"]}]}))
+    warned = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--image", str(image), "--json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert warned.returncode == 1 and [r["problems"] for r in json.loads(warned.stdout)] == [r["problems"] for r in good]
+    for row in json.loads(warned.stdout):
+        assert row["warnings"] == [
+            "8 x GH100 [H100 SXM5 80GB] (10de:2330): NVIDIA's list for 535.261.03 does not name device 0x2330",
+            "NVSwitches: 4 stay with the host (VMs get GPUs only); Fabric Manager is not installed on this host "
+            "(NVLink between a VM's GPUs needs it running with FABRIC_MODE=1)"], row
     (tmp_path / "host-b/proc/sys/net/ipv4/ip_forward").write_text("0\n")
     hosts_file.write_text(hosts_file.read_text().replace("10.251.2.0/24", "10.252.2.0/24"))
     bad = subprocess.run([hearth, "hosts", "check", "--hosts", str(hosts_file), "--json"], capture_output=True,

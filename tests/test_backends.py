@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QEMU_GATEWAY, QEMU_SUBNET
+from conftest import QEMU_GATEWAY, QEMU_SUBNET, QEMU_TAPS
 from provisioner.errors import BootError
 from provisioner.events import NodeState
 from provisioner.hosts import Host, HostNetwork, Inventory
@@ -57,7 +57,7 @@ class Backend:
         left = processes_mentioning(f"{cluster}/")
         if self.name == "qemu":
             links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout)
-            left += [link["ifname"] for link in links if link["ifname"].startswith("hth0afd")]
+            left += [link["ifname"] for link in links if link["ifname"].startswith(QEMU_TAPS)]
         if self.agent_vms is not None:
             left += processes_mentioning(f"{self.agent_vms}/")
             # each hosted guest's own disk (its Ray's temp dir), which the stand-in makes and removes with the VM

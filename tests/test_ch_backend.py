@@ -173,7 +173,7 @@ def test_boot_join_and_shutdown(run_dir, vm_files, binary):
     assert names[:3] == ["vmm/starting", "vm/booting", "vm/booted"] and names[-1] == "vmm/shutdown"
     assert vm.process.returncode == 0  # the power button was enough: the guest shut down, CH exited
     assert left_behind(vm) == []
-    assert "guest n0: config ['env', 'env_image', 'network', 'node', 'op', 'ray', 'reconnect_s']" in vm.serial_log.read_text()
+    assert "guest n0: config ['env', 'env_image', 'gpus', 'network', 'node', 'op', 'ray', 'reconnect_s']" in vm.serial_log.read_text()
 
 
 def test_missing_binary_is_refused_before_anything_starts(run_dir, vm_files):

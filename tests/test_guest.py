@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HEARTH, QEMU_GATEWAY as GATEWAY, QEMU_SUBNET as SUBNET, say as _say
+from conftest import HEARTH, QEMU_GATEWAY as GATEWAY, QEMU_SUBNET as SUBNET, QEMU_TAPS, say as _say
 from provisioner.run import ClusterRun
 from provisioner.errors import HearthError, SpecError
 from provisioner.spec import cluster_spec
@@ -45,7 +45,7 @@ def _qemus(marker: str) -> list[int]:
 
 
 def _taps() -> set[str]:
-    return {line.split()[0].split("@")[0] for line in _ip("-br", "link").stdout.splitlines() if line.startswith("hth0afd")}
+    return {line.split()[0].split("@")[0] for line in _ip("-br", "link").stdout.splitlines() if line.startswith(QEMU_TAPS)}
 
 
 @pytest.fixture(scope="module")

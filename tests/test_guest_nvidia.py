@@ -1,11 +1,14 @@
-"""`hearth guest build --nvidia-driver`: NVIDIA's driver from Debian in the guest image, built for real (no GPU
-here: what only a GPU host can show is listed in the README). The image is built in CI (CI=true) from scratch on
-every run; elsewhere into /var/cache/hearth/test-guest-image-nvidia<branch>, reused while its inputs are unchanged.
-HEARTH_TEST_NVIDIA_DRIVERS names the images to build: a branch, optionally with a module flavour ("550,535" by
-default: from scratch each took 4-8 minutes on a 2-core machine; "550:proprietary" builds that flavour)."""
+"""`hearth guest build --nvidia-driver`: NVIDIA's driver from Debian in the guest image, built for real, and booted
+under QEMU without a GPU (no GPU here: what only a GPU host can show is listed in the README). The image is built in
+CI (CI=true) from scratch on every run; elsewhere into /var/cache/hearth/test-guest-image-nvidia<branch>
+(HEARTH_TEST_NVIDIA_IMAGE<branch>), reused while its inputs are unchanged; one session builds each once (the
+`nvidia_images` fixture). HEARTH_TEST_NVIDIA_DRIVERS names the images to build: a branch, optionally with a module
+flavour ("550,535" by default: from scratch each took 4-8 minutes on a 2-core machine; "550:proprietary" builds that
+flavour); the QEMU boots use the first."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -18,49 +21,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import NVIDIA_DRIVERS, QEMU_GATEWAY, QEMU_SUBNET, say
 from guest.build import plan
 from guest.gpus import image_support
 
 pytestmark = [pytest.mark.slow, pytest.mark.root("images are built as root")]
 HEARTH = str(Path(sys.executable).with_name("hearth"))
-BRANCHES = os.environ.get("HEARTH_TEST_NVIDIA_DRIVERS", "550,535").split(",")
+BRANCHES = NVIDIA_DRIVERS
 MODULES = ("nvidia", "nvidia-modeset", "nvidia-uvm")
 
 
-def _say(request, text: str) -> None:
-    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        print(text, flush=True)
-
-
 @pytest.fixture(scope="module", params=BRANCHES)
-def image(request, tmp_path_factory):
-    branch, _, flavour = request.param.partition(":")
-    name = f"nvidia{branch}{'-' + flavour if flavour else ''}"
-    fresh = os.environ.get("CI") == "true"
-    out = tmp_path_factory.mktemp(f"guest-image-{name}") if fresh else Path(f"/var/cache/hearth/test-guest-image-{name}")
-    command = [HEARTH, "guest", "build", "--out", str(out), "--nvidia-driver", branch,
-               *(["--nvidia-modules", flavour] if flavour else [])]
-    started = time.monotonic()
-    built = subprocess.run(command, capture_output=True, text=True, timeout=3000)
-    assert built.returncode == 0, built.stdout + built.stderr
-    took = time.monotonic() - started
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, digest in manifest["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
-    started = time.monotonic()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
-    assert json.loads((out / "manifest.json").read_text()) == manifest
-    nvidia = manifest["nvidia"]
-    _say(request, f"\nguest image {out} with NVIDIA {manifest['inputs']['nvidia']['driver']} "
-                  f"({manifest['inputs']['nvidia']['modules']}): {'reused' if 'reused' in built.stdout else 'built'} "
-                  f"in {took:.1f} s (from scratch it took {manifest['built_s']} s, the modules {nvidia['modules_s']} s "
-                  f"of which DKMS compiling {nvidia['dkms_s']} s with -j{nvidia['jobs']}); "
-                  f"a rebuild with the same inputs: {time.monotonic() - started:.1f} s; "
-                  f"rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
-    yield branch, flavour or "open", out, manifest
-    if fresh:
-        subprocess.run(["rm", "-rf", str(out)])
+def image(request, nvidia_images):
+    return nvidia_images(request.param)
 
 
 def _debugfs(rootfs: Path, command: str) -> str:
@@ -139,6 +112,11 @@ def test_the_user_space_resolves_and_nothing_of_the_build_is_left(image, tmp_pat
         target = str(Path(found.group(1)).with_name(f"{library.rsplit('.', 1)[0]}.{driver}"))
         assert "Type: regular" in _debugfs(rootfs, f"stat {target}")
     assert "Type: regular" in _debugfs(rootfs, "stat /usr/share/doc/libcuda1/copyright")
+    # NVML's Python binding, for the guest agent, in the image's venv at the controller's version
+    binding = manifest["inputs"]["nvidia"]["binding"]
+    assert binding == f"nvidia-ml-py=={version('nvidia-ml-py')}"
+    listing = _debugfs(rootfs, "ls /opt/hearth/venv/lib/python3.11/site-packages")
+    assert "pynvml.py" in listing and f"nvidia_ml_py-{binding.split('==')[1]}.dist-info" in listing
     # the compiler, the headers and DKMS stayed in the build chroot
     for gone in ("/usr/bin/gcc-12", "/usr/bin/make", "/usr/sbin/dkms", "/var/lib/dkms",
                  f"/usr/src/linux-headers-{manifest['nvidia']['kernel_release']}", "/usr/lib/firmware/nvidia/nonexistent"):
@@ -188,3 +166,96 @@ def test_bad_driver_requests_are_refused_before_anything_is_written(tmp_path, ar
     refused = subprocess.run([HEARTH, "guest", "build", "--out", str(out), *args], capture_output=True, text=True)
     assert refused.returncode == 1 and message in refused.stderr, refused.stderr
     assert not out.exists()
+
+
+# -- the driver image booted under QEMU, without a GPU (TCG here: /dev/kvm runs only PVM guests) -----------------
+def _inventory(bridge: str):
+    from provisioner.hosts import Host, HostNetwork, Inventory
+
+    return Inventory(hosts=[Host(name="local", network=HostNetwork(bridge=bridge, subnet=QEMU_SUBNET))],
+                     head_host=QEMU_GATEWAY)
+
+
+@pytest.mark.requires("qemu-system-x86_64")
+def test_without_a_gpu_the_driver_image_says_so_and_joins_ray_with_none(request, nvidia_images, qemu_bridge, tmp_path):
+    """A node booted from the driver image with no GPU passed through: the guest agent looks, says "no NVIDIA
+    GPU" (and loads no driver), and the node joins Ray with 0 GPUs."""
+    from provisioner.run import ClusterRun
+    from provisioner.spec import cluster_spec
+
+    _, _, out, _ = nvidia_images(BRANCHES[0])
+    name = f"nv{os.getpid() % 10000}"
+    spec = cluster_spec(nodes=1, backend="qemu", image=out, name=name, boot_timeout=500, memory_gib=2, cpus=1)
+    run = ClusterRun(spec, Path("/tmp/hq") / name, inventory=_inventory(qemu_bridge))
+
+    async def scenario():
+        started = time.monotonic()
+        await run.up()
+        up_s = time.monotonic() - started
+        try:
+            (record,) = run.engine.nodes.values()
+            nodes = await run.head.nodes()
+            return up_s, run.summary()["nodes"][0], [n for n in nodes if n.get("state") == "ALIVE"
+                                                    and n["labels"].get("hearth.io/node") == record.node_id]
+        finally:
+            await run.down()
+
+    up_s, node, (ray_node,) = asyncio.run(scenario())
+    assert node["state"] == "ready"
+    guest_up = next(e["detail"] for e in node["events"] if e["state"] == "guest_up")
+    looked = re.search(r"no NVIDIA GPU \((\d+\.\d+) s to look\)", guest_up)
+    assert looked, guest_up
+    assert "gpu driver" not in node["guest_profile"]  # nothing was loaded
+    assert "GPU" not in ray_node["resources_total"] and ray_node["resources_total"]["CPU"] == 1
+    say(request, f"\nNVIDIA image, no GPU, under TCG: `hearth up`-style boot to a ready node in {up_s:.1f} s; the guest "
+                 f"agent looked for GPUs in {looked.group(1)} s; boot profile {node['profile']}; inside the guest "
+                 f"{node['guest_profile']}")
+
+
+@pytest.mark.requires("qemu-system-x86_64")
+def test_told_to_carry_a_gpu_it_was_not_given_the_node_fails_with_the_drivers_words(request, nvidia_images,
+                                                                                  qemu_bridge, run_dir):
+    """The same image and node, its guest config naming the GPU its VM should have (as a host agent names the
+    GPUs it leased): QEMU passes none, so the guest loads the driver to ask, and the node fails with modprobe's
+    and the kernel's own words."""
+    from provisioner.backends.qemu import kvm_usable
+    from provisioner.errors import NodeEnded
+    from provisioner.events import NodeHistory, NodeState, NodeTracker
+    from provisioner.net import guest_mac, tap_name
+    from provisioner.node import ExpectedGpu, GuestConfig, GuestNetwork, NodeSpec, RayJoin
+    from provisioner.qemu.vm import QemuVm
+    import ipaddress
+
+    _, _, out, _ = nvidia_images(BRANCHES[0])
+    address = ipaddress.ip_address(QEMU_SUBNET.rsplit(".", 1)[0] + ".250")  # clear of the backend's addresses
+    node = NodeSpec(id="nv-gpu", uid="u1", host="local", image=out, memory_mib=2048,
+                    ray=RayJoin(address=f"{QEMU_GATEWAY}:9", token="not-a-secret", num_gpus=1))
+    guest = GuestConfig.for_node(node, reconnect_s=10, gpus=[ExpectedGpu(address="0000:18:00.0", device="10de:2330")],
+                                 network=GuestNetwork(address=f"{address}/24", gateway=QEMU_GATEWAY, mac=guest_mac(address)))
+    history = NodeHistory(node.id)
+    tracker = NodeTracker(history)
+    tracker.transition(NodeState.requested)  # the engine's part
+    tracker.transition(NodeState.placed, "local")
+    vm = QemuVm(node, run_dir, guest, tracker, accel="kvm" if kvm_usable() else "tcg",
+                network={"tap": tap_name(address), "mac": guest_mac(address), "bridge": qemu_bridge})
+
+    async def scenario():
+        started = time.monotonic()
+        await vm.start(time.monotonic() + 400)
+        try:
+            with pytest.raises(NodeEnded) as ended:
+                await vm.wait_for(NodeState.ray_joined, 400)
+            return ended.value.reason, time.monotonic() - started
+        finally:
+            await vm.stop(grace=5)
+
+    reason, took = asyncio.run(scenario())
+    assert reason.startswith("the guest agent: GPUs: the node was given 1 (1 x 10de:2330), the guest found 0 (none); "
+                             "the driver says: modprobe: ERROR: could not insert 'nvidia': No such device"), reason
+    assert "NVRM" in reason, reason  # the kernel's own lines
+    serial = vm.serial_log.read_text(errors="replace")
+    loaded = re.search(r"modprobe nvidia failed after (\d+\.\d+) s", serial)
+    assert loaded, serial[-3000:]
+    assert [e.state for e in history.events][-3:] == [NodeState.failed, NodeState.stopping, NodeState.stopped]
+    say(request, f"\nNVIDIA image told to carry a GPU under TCG: failed {took:.1f} s after QEMU started; modprobe nvidia "
+                 f"(no GPU: the module loads, finds none and unloads) took {loaded.group(1)} s; the reason: {reason}")

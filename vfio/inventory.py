@@ -1,4 +1,5 @@
-"""The admin's picture of a GPU host: readiness findings, then each GPU with its group and problems.
+"""The admin's picture of a GPU host: readiness findings, its NUMA nodes (CPUs, free 1 GiB hugepages) and physical
+address width, then each GPU with its group, BARs, NUMA node and problems.
 
 `host_report()` reads everything once (sysfs, /proc, NVML where it applies) and decides which GPUs are
 meant for VFIO: those in hearth's boot record, those whose driver_override says vfio-pci, and, when the
@@ -16,8 +17,11 @@ from types import ModuleType
 
 from pydantic import BaseModel
 
+from vfio.bars import Bar, address_bits, read_bars
+from vfio.fabric import FabricManager, fabric_manager
 from vfio.holders import Holder, holders, nvidia_minor
 from vfio.hostroot import HostRoot
+from vfio.numa import NumaNode, numa_nodes
 from vfio.nvml import NvmlGpu, NvmlReport, nvml_inventory
 from vfio.pci import VFIO_DRIVER, PciDevice, PciTopology
 from vfio.persist import RECORD, boot_binding, read_record
@@ -35,6 +39,7 @@ class GpuReport(BaseModel, frozen=True):
     device: PciDevice
     kind: str  # "gpu" or "nvswitch"
     group_members: list[PciDevice]
+    bars: list[Bar] = []  # its own (a VM must map each; the 64-bit ones set its apertures)
     group_viable: bool
     dev_vfio: DevVfio | None
     meant_for_vfio: bool
@@ -49,6 +54,9 @@ class HostReport(BaseModel, frozen=True):
     host: list[Finding]
     nvml: NvmlReport
     gpus: list[GpuReport]
+    numa: list[NumaNode] = []
+    address_bits: int | None = None  # the CPU's physical address width (a VM's BARs must fit below it)
+    fabric_manager: FabricManager | None = None  # on a host with NVSwitches
 
     @property
     def problems(self) -> list[Finding]:
@@ -79,7 +87,9 @@ def host_report(host: HostRoot, nvml: ModuleType | None = None, topology: PciTop
         findings.append(Finding(
             subject="host", check="record", severity="info",
             message=f"no {RECORD}: every GPU is taken as meant for VFIO"))
-    return HostReport(host_root=str(host.root), host=findings, nvml=nvml_report, gpus=gpus)
+    return HostReport(host_root=str(host.root), host=findings, nvml=nvml_report, gpus=gpus,
+                      numa=list(numa_nodes(host).values()), address_bits=address_bits(host),
+                      fabric_manager=fabric_manager(host) if topology.nvswitches else None)
 
 
 def _gpu_report(host: HostRoot, topology: PciTopology, device: PciDevice,
@@ -98,7 +108,7 @@ def _gpu_report(host: HostRoot, topology: PciTopology, device: PciDevice,
     findings = _gpu_findings(device, group.number if group else None, members, viable, dev_vfio, meant, binding)
     return GpuReport(
         device=device, kind="gpu" if device.is_gpu else "nvswitch", group_members=members,
-        group_viable=viable, dev_vfio=dev_vfio, meant_for_vfio=meant, boot_binding=binding,
+        bars=read_bars(host, device.address), group_viable=viable, dev_vfio=dev_vfio, meant_for_vfio=meant, boot_binding=binding,
         nvml=nvml.gpus.get(device.address), holders=held, findings=findings,
     )
 

@@ -8,8 +8,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from vfio.bars import size_text
 from vfio.bind import Plan, Result
 from vfio.inventory import GpuReport, HostReport
+from vfio.numa import cpulist
 from vfio.readiness import Finding
 
 MARK = {"ok": ("✓", "green"), "info": ("·", "dim"), "warning": ("!", "yellow"), "error": ("✗", "red")}
@@ -38,6 +40,17 @@ def status(report: HostReport) -> Group:
         parts.append(Text(f" · NVML: driver {report.nvml.driver_version}, {len(report.nvml.gpus)} GPUs on nvidia"))
     else:
         parts.append(Text(f" · NVML {report.nvml.reason}", style="dim"))
+    for node in report.numa:
+        parts.append(Text(f" · NUMA node {node.number}: CPUs {cpulist(node.cpus) or 'none'}; 1 GiB hugepages "
+                          f"{node.hugepages_1g_free} free of {node.hugepages_1g}"))
+    if report.fabric_manager is not None:
+        switches = sum(1 for g in report.gpus if g.kind == "nvswitch")
+        parts.append(Text(f" · {switches} NVSwitches; {report.fabric_manager.describe()} (found: "
+                          f"{report.fabric_manager.evidence}): VMs get GPUs only, so NVLink between a VM's GPUs needs it "
+                          "running with FABRIC_MODE=1 (shared NVSwitch)"))
+    if report.address_bits:
+        parts.append(Text(f" · {report.address_bits}-bit physical addresses (a VM's guest gets at most 46: its "
+                          "GPUs' 64-bit BARs must fit below that)"))
     if report.gpus:
         parts.append(_gpu_table(report.gpus))
     return Group(*parts)
@@ -76,7 +89,7 @@ def result(result: Result) -> Group:
 
 def _gpu_table(gpus: list[GpuReport]) -> Table:
     table = Table(title="GPUs and NVSwitches", title_justify="left", expand=False)
-    for column in ("address", "name", "driver", "group", "viable", "NUMA", "/dev/vfio/N", "problems"):
+    for column in ("address", "name", "driver", "group", "viable", "NUMA", "BARs", "/dev/vfio/N", "problems"):
         table.add_column(column, overflow="fold")
     for gpu in gpus:
         device = gpu.device
@@ -103,9 +116,20 @@ def _gpu_table(gpus: list[GpuReport]) -> Table:
             "-" if device.iommu_group is None else str(device.iommu_group),
             Text("yes", "green") if gpu.group_viable else Text("no", "red"),
             "-" if device.numa_node is None else str(device.numa_node),
+            "\n".join(_bar(b) for b in gpu.bars) or "-",
             dev_text, problems,
         )
     return table
+
+
+def _bar(bar) -> str:
+    """`128G 64-bit pref`: a BAR as lspci sizes it, compact enough for a table cell."""
+    size = size_text(bar.size).replace(" GiB", "G").replace(" MiB", "M").replace(" KiB", "K").replace(" TiB", "T")
+    if bar.is_rom:
+        return f"{size} ROM"
+    if bar.kind == "io":
+        return f"{size} I/O"
+    return f"{size} {'64' if bar.is_64bit else '32'}-bit" + (" pref" if bar.prefetchable else "")
 
 
 def console() -> Console:

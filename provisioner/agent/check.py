@@ -1,8 +1,11 @@
 """`hearth hosts check`: reach every host's agent and judge what it reports, in one table.
 
-The agent reports facts (versions, VFIO state, GPUs, VMs quarantined because their VMM outlived SIGKILL, its
-bridge, forwarding, routes, the env images it keeps); the judging is done here, because only the hosts file knows the whole fleet: every host must route
-every other host's subnet (docs/networking.md).
+The agent reports facts (versions, VFIO state, GPUs and their models, NVSwitches and Fabric Manager, VMs
+quarantined because their VMM outlived SIGKILL, its bridge, forwarding, routes, the env images it keeps); the
+judging is done here, because only the hosts file knows the whole fleet: every host must route every other
+host's subnet (docs/networking.md), and only the controller has the guest image the nodes will boot: a host
+whose GPUs its driver does not support is warned of (NVIDIA's own list, which names products, not every device
+the driver runs: a warning, not a refusal; guest/gpus.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from provisioner.agent.client import connect
@@ -19,9 +23,32 @@ from provisioner.errors import AgentRefused, HearthError
 from provisioner.hosts import Host, Inventory
 
 
-async def gather(inventory: Inventory, local_dir: Path) -> list[dict[str, Any]]:
-    """One row per host: the agent's info, or why it could not be had, plus the problems found."""
-    return list(await asyncio.gather(*(_one(h, inventory, local_dir) for h in inventory.hosts)))
+async def gather(inventory: Inventory, local_dir: Path, image: Path | None = None) -> list[dict[str, Any]]:
+    """One row per host: the agent's info, or why it could not be had, plus the problems found, and warnings
+    (GPUs the guest `image`'s driver does not list, NVSwitches without Fabric Manager)."""
+    rows = list(await asyncio.gather(*(_one(h, inventory, local_dir) for h in inventory.hosts)))
+    for row in rows:
+        row["warnings"] = warnings(row["info"], image) if row["info"] is not None else []
+    return rows
+
+
+def warnings(info: dict[str, Any], image: Path | None) -> list[str]:
+    """What may not work on this host without being a fault of the host's setup."""
+    from guest.gpus import image_support
+
+    found = []
+    models = info["gpus"].get("models") or {}
+    if image is not None and models and not (image / "manifest.json").is_file():
+        found.append(f"{image} has no manifest.json: is it a guest image (hearth guest build)?")
+    elif image is not None:
+        for device, model in sorted(models.items()):
+            support = image_support(image, device)
+            if not support.supported:
+                found.append(f"{model['count']} x {model['name']} ({device}): {support.why}")
+    switches = info.get("nvswitches") or {}
+    if switches.get("count") and not switches.get("shared_nvswitch"):
+        found.append(switches["summary"])
+    return found
 
 
 async def _one(host: Host, inventory: Inventory, local_dir: Path) -> dict[str, Any]:
@@ -87,7 +114,8 @@ def table(rows: list[dict[str, Any]]) -> Table:
         grid.add_column(column, overflow="fold")
     for row in rows:
         info = row["info"]
-        problems_text = "\n".join(row["problems"]) or "[green]none[/]"
+        problems_text = "\n".join([*row["problems"], *(f"[yellow]warning: {escape(w)}[/]" for w in row.get("warnings", []))]) \
+            or "[green]none[/]"
         if info is None:
             grid.add_row(row["host"], "[red]unreachable[/]", "", "", "", "", "", problems_text)
             continue

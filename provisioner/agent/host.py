@@ -4,7 +4,9 @@ Creating a VM, in order (bad input fails before anything is leased or made):
     1. check the request (a `NodeSpec`, node.py, with the controller's lease and what is left of the node's
        boot deadline): the caller is that controller (auth.py), whose lease is open; the GPUs exist here, are
        GPUs, sit on vfio-pci in viable groups; the image is here
-    2. under one lock: allocate CID, tap, address; write the lease (`LeaseConflict` if a GPU is taken); start
+    2. under one lock: a GPU VM's layout (ch/gpuvm.py: hugepages on the GPUs' NUMA nodes, vCPU pinning,
+       apertures for the BARs, memlock; refused with the fix when it could not boot, warned when it falls back);
+       allocate CID, tap, address; write the lease (`LeaseConflict` if a GPU is taken); start
        the boot as a task of the agent's own, so that a release or a lapse that comes meanwhile can end it
     3. ChVm.start: tap on the bridge, cloud-hypervisor, vm.create, vm.boot (any failure undoes itself), every
        wait bounded by the node's deadline
@@ -39,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,16 +50,20 @@ from provisioner.agent.auth import Caller, Forbidden, check_controller, new_secr
 from provisioner.agent.envstore import DEFAULT_MARGIN, EnvStore, parse_margin
 from provisioner.agent.keptlogs import KeptLogs
 from provisioner.agent.ledger import MAX_TTL_S, MIN_TTL_S, Ledger, VmLease
+from provisioner.ch import gpuvm
 from provisioner.ch.config import GpuGroup, vm_spec
 from provisioner.ch.vm import ChVm
 from provisioner.errors import AgentError, HearthError, LeaseConflict, VmNotFound
 from provisioner.events import TERMINAL, NodeEvent, NodeState
 from provisioner.net import bridge_facts, delete_tap, guest_mac, ipv4_routes, tap_exists, tap_name
-from provisioner.node import GpuRequest, GuestConfig, GuestNetwork, NodeSpec
+from provisioner.node import ExpectedGpu, GpuRequest, GuestConfig, GuestNetwork, NodeSpec
 from provisioner.processes import AdoptedProcess, Child, terminate
 from provisioner.vm import tail
+from vfio.bars import address_bits, read_bars
+from vfio.fabric import fabric_manager
 from vfio.hostroot import HostRoot
 from vfio.inventory import host_report
+from vfio.numa import free_hugepages_1g, numa_nodes
 from vfio.pci import VFIO_DRIVER, PciTopology
 
 VERSION = "0.1.0"
@@ -79,6 +85,9 @@ class AgentConfig(BaseModel):
     # that does not bring its own; only with the stand-in as the VMM.
     standin: dict[str, Any] | None = None
     env_margin: str = DEFAULT_MARGIN  # free disk an env image upload must leave (HEARTH_AGENT_ENV_MARGIN)
+    # GPU VMs' memory from 1 GiB hugepages: when free on the GPUs' NUMA nodes ("auto", else 4 KiB pages with a
+    # warning), always ("require": refused without them), never ("off").
+    hugepages: Literal["auto", "require", "off"] = "auto"
 
     @field_validator("subnet")
     @classmethod
@@ -154,6 +163,7 @@ class HostAgent:
         self._tasks: set[asyncio.Task] = set()
         self._housekeeper: asyncio.Task | None = None
         self._swept_at = 0.0
+        self._promised: dict[str, list[tuple[int | None, int]]] = {}  # 1 GiB pages per NUMA node, by VM booting
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -201,7 +211,9 @@ class HostAgent:
             "cloud_hypervisor": _vmm_version(self.config.cloud_hypervisor),
             "vfio": {"exit_code": report.exit_code, "gpus": len(report.gpus),
                      "problems": [f.message for f in report.problems][:5]},
-            "gpus": {"usable": len(gpus), "free": sum(1 for g in gpus if g["leased_to"] is None)},
+            "gpus": {"usable": len(gpus), "free": sum(1 for g in gpus if g["leased_to"] is None),
+                     "models": self._gpu_models()},
+            "nvswitches": self._nvswitches(),
             "vms": len(self.vms), "controllers": len(self.ledger.controllers),
             "quarantined": self.quarantined(),
             "network": self._network(),
@@ -215,6 +227,24 @@ class HostAgent:
         return [{"vm": lease.id, "controller": lease.controller, "pid": self._stuck_pid(lease.id),
                  "gpus": lease.devices, "tap": lease.tap, "address": lease.address, "why": lease.quarantined}
                 for lease in self.ledger.vms.values() if lease.quarantined]
+
+    def _gpu_models(self) -> dict[str, dict[str, Any]]:
+        """Every NVIDIA GPU here, by PCI device id ("10de:2330": {"name", "count"}): what the image's driver must
+        support (`hearth hosts check` compares)."""
+        models: dict[str, dict[str, Any]] = {}
+        for gpu in PciTopology(self.host).gpus:
+            models.setdefault(gpu.ids, {"name": gpu.name, "count": 0})["count"] += 1
+        return models
+
+    def _nvswitches(self) -> dict[str, Any]:
+        """The host's NVSwitches (they stay with the host: VMs get GPUs only) and its Fabric Manager."""
+        switches = PciTopology(self.host).nvswitches
+        if not switches:
+            return {"count": 0}
+        fabric = fabric_manager(self.host)
+        return {"count": len(switches), "drivers": sorted({s.driver or "none" for s in switches}),
+                "fabric_manager": fabric.model_dump(), "shared_nvswitch": fabric.shared_nvswitch,
+                "summary": _nvswitch_text(len(switches), fabric)}
 
     def _network(self) -> dict[str, Any]:
         forwarding = self.host.path("proc/sys/net/ipv4/ip_forward")
@@ -291,8 +321,10 @@ class HostAgent:
                                 address=str(address) if address else None,
                                 mac=guest_mac(address.ip) if address else None,
                                 created_at=time.time(), request=request.model_dump(mode="json"))
-                vm = self._vm(lease, gpus)  # checks the spec: nothing is leased yet if it is bad
+                vm = self._vm(lease, gpus)  # checks the spec and the host's fit: nothing is leased yet if it is bad
                 self.ledger.reserve(lease)
+                if vm.spec.layout is not None and vm.spec.layout.hugepages:
+                    self._promised[vm_id] = vm.spec.layout.hugepages  # taken from sysfs's free count once it booted
                 if by_hand:
                     self.ledger.open(request.controller, request.lease_s, 0, new_secret()[1])  # its secret unused
                 self.ledger.renew(request.controller, request.lease_s)
@@ -317,6 +349,7 @@ class HostAgent:
             raise
         finally:
             self._booting.pop(lease.id, None)
+            self._promised.pop(lease.id, None)
         lease.booted = True
         try:
             self.ledger.save(lease)
@@ -630,22 +663,61 @@ class HostAgent:
         return groups
 
     def _vm(self, lease: VmLease, gpus: list[GpuGroup] | None = None) -> ChVm:
+        """The VM of a lease: a new one (`gpus` checked by the caller: its layout is decided now, and may be
+        refused), or one a restarted agent adopts (running already: no layout to decide)."""
         request = CreateVm.model_validate(lease.request)
         node, image = request.node, request.node.image
+        new = gpus is not None
+        gpus = self._check_gpus(node.gpus) if gpus is None else gpus
+        topology = PciTopology(self.host)
         spec = vm_spec(node_id=lease.id, kernel=image / "vmlinuz",
                        initramfs=image / "initrd.img" if (image / "initrd.img").is_file() else None,
                        image=image / "rootfs.img", cpus=node.cpus, memory_mib=node.memory_mib,
                        vsock_cid=lease.cid, tap=lease.tap, mac=lease.mac, sysfs_root=self.config.host_root,
-                       env_disk=self._env_disk(node),
-                       gpus=self._check_gpus(node.gpus) if gpus is None else gpus)
+                       env_disk=self._env_disk(node), gpus=gpus,
+                       layout=self._layout(lease.id, node, gpus, topology) if new and gpus else None)
         network = None
         if lease.address:
             network = GuestNetwork(address=lease.address, gateway=str(next(self.config.subnet.hosts())), mac=lease.mac)
-        guest = GuestConfig.for_node(node, network=network, reconnect_s=self.config.reconnect_s)
+        expected = [ExpectedGpu(address=g.address, device=topology.devices[g.address].ids) for g in gpus]
+        guest = GuestConfig.for_node(node, network=network, reconnect_s=self.config.reconnect_s, gpus=expected)
         standin = request.standin if request.standin is not None else self.config.standin
         env = {"HEARTH_STANDIN": json.dumps(standin)} if standin is not None else None
         return ChVm(spec, self.config.run_dir, guest, binary=self.config.cloud_hypervisor, on_event=self._on_event,
                     env=env, create_tap=lease.tap is not None, bridge=self.config.bridge, tied_to_parent=False)
+
+    def _layout(self, vm_id: str, node: NodeSpec, gpus: list[GpuGroup], topology: PciTopology) -> gpuvm.GpuLayout:
+        """The GPU VM's layout from this host's facts now (AgentError with the fix when it could not boot), with
+        what becomes of the NVSwitches."""
+        addresses = [g.address for g in gpus]
+        facts = gpuvm.HostFacts(
+            gpus={g.address: gpuvm.GpuFacts(
+                address=g.address, device=topology.devices[g.address].ids, name=topology.devices[g.address].name,
+                numa=topology.devices[g.address].numa_node,
+                bars={a: read_bars(self.host, a) for a in [g.address, *g.functions]}) for g in gpus},
+            nodes=numa_nodes(self.host), free_hugepages=free_hugepages_1g(self.host),
+            address_bits=address_bits(self.host), memlock=gpuvm.memlock())
+        promised: dict[int | None, int] = {}
+        for pages in self._promised.values():
+            for numa, count in pages:
+                promised[numa] = promised.get(numa, 0) + count
+        layout = gpuvm.plan(node=vm_id, memory_mib=node.memory_mib, cpus=node.cpus, gpus=addresses, facts=facts,
+                            hugepages=self.config.hugepages, promised=promised)
+        if not topology.nvswitches:
+            return layout
+        fabric = fabric_manager(self.host)
+        notes, warnings = [*layout.notes, _nvswitch_text(len(topology.nvswitches), fabric)], list(layout.warnings)
+        if len(gpus) > 1 and not fabric.shared_nvswitch:
+            warnings.append(
+                f"NVLink between this node's {len(gpus)} GPUs runs through the host's NVSwitches, which need Fabric "
+                "Manager running on the host in shared NVSwitch mode with a partition of exactly these GPUs active; "
+                "without it CUDA in the guest fails with error 802 (system not yet initialized). Fix: install "
+                "nvidia-fabricmanager of the host driver's version, FABRIC_MODE=1 in "
+                "/usr/share/nvidia/nvswitch/fabricmanager.cfg, systemctl enable --now nvidia-fabricmanager, and "
+                "activate the partition of these GPUs (fmpm)")
+        elif len(gpus) > 1:
+            notes.append("the partition of exactly these GPUs must be active (hearth does not activate partitions)")
+        return layout.model_copy(update={"notes": notes, "warnings": warnings})
 
 
 def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
@@ -657,8 +729,15 @@ def _summary(vm: ChVm, lease: VmLease | None) -> dict[str, Any]:
             "pid": vm.process.pid if vm.process else None, "profile": history.profile(),
             "quarantined": lease.quarantined if lease else None,
             "guest_profile": vm.guest_profile,
+            "guest_gpus": vm.link.gpus, "layout": vm.spec.layout.model_dump(mode="json") if vm.spec.layout else None,
             "heard_s_ago": round(time.monotonic() - vm.channel.last_heard, 1) if vm.channel and vm.channel.last_heard else None,
             "events": [{"state": e.state.value, "at": e.at, "detail": e.detail} for e in history.events]}
+
+
+def _nvswitch_text(count: int, fabric) -> str:
+    mode = ("shared NVSwitch mode: NVLink partitions are Fabric Manager's to activate" if fabric.shared_nvswitch
+            else "NVLink between a VM's GPUs needs it running with FABRIC_MODE=1")
+    return f"NVSwitches: {count} stay with the host (VMs get GPUs only); {fabric.describe()} ({mode})"
 
 
 def _uid(lease: VmLease | None) -> str:

@@ -2,8 +2,11 @@
 
 Choices made here, and why:
 - Direct kernel boot (kernel + initramfs + cmdline) or firmware, never both: CH rejects both.
-- Hugepages whenever the host has them: VFIO maps all guest RAM at `vm.boot`, and 1 GiB pages cut the
-  number of IOMMU mappings (CH docs/memory.md; PR #754 halved its VFIO test).
+- A GPU node's memory, vCPUs and PCI segments follow its `GpuLayout` (ch/gpuvm.py, decided by the host agent
+  from the host's facts): 1 GiB hugepages, prefaulted, in memory zones on the GPUs' NUMA nodes, vCPUs pinned
+  there, a segment per GPU with apertures that hold its BARs. VFIO maps all guest RAM at `vm.boot`, and 1 GiB
+  pages cut the number of IOMMU mappings (CH docs/memory.md; PR #754 halved its VFIO test). A node without
+  GPUs keeps plain memory: nothing pins it.
 - The guest image and the controller's environment image read-only (many VMs share one of each), plus a
   writable per-node disk.
 - Each GPU's IOMMU group (every function) goes on a PCI segment of its own: segment 0 keeps the virtio
@@ -22,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from provisioner.ch.gpuvm import GpuLayout
 from provisioner.errors import validated
 from provisioner.node import NODE_ID, GpuRequest
 from vfio.address import parse_address
@@ -65,6 +69,7 @@ class VmSpec(BaseModel):
     netmask: str = "255.255.255.0"
     vsock_cid: int = 3
     gpus: list[GpuGroup] = []
+    layout: GpuLayout | None = None  # memory zones, vCPU pinning, apertures: for GPUs (ch/gpuvm.py)
     sysfs_root: Path = Path("/")  # the host root the GPU sysfs paths are under
 
     @field_validator("node_id")
@@ -119,6 +124,14 @@ class VmSpec(BaseModel):
             raise ValueError("initramfs goes with kernel, not firmware")
         if len(self.gpus) + 1 > MAX_PCI_SEGMENTS:
             raise ValueError(f"at most {MAX_PCI_SEGMENTS - 1} GPUs per VM (one PCI segment each)")
+        if self.layout is not None:
+            if len(self.layout.segments) != len(self.gpus) + 1:
+                raise ValueError(f"the layout has {len(self.layout.segments)} PCI segments, the VM needs "
+                                 f"{len(self.gpus) + 1} (segment 0 and one per GPU)")
+            if sum(z.size_mib for z in self.layout.zones) != self.memory_mib:
+                raise ValueError("the layout's memory zones do not add up to memory_mib")
+            if any(v >= self.cpus for v in self.layout.affinity):
+                raise ValueError("the layout pins a vCPU the VM does not have")
         for name in ("kernel", "initramfs", "firmware", "image", "env_disk"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
@@ -147,6 +160,12 @@ def vm_config(spec: VmSpec, *, vsock_socket: Path, serial_log: Path) -> dict[str
     memory: dict[str, Any] = {"size": spec.memory_mib << 20, "hugepages": spec.hugepages}
     if spec.hugepages and spec.hugepage_size_mib:
         memory["hugepage_size"] = spec.hugepage_size_mib << 20
+    cpus: dict[str, Any] = {"boot_vcpus": spec.cpus, "max_vcpus": spec.cpus}
+    layout = spec.layout
+    if layout is not None:
+        memory = {"size": 0, "zones": [_zone(z) for z in layout.zones]}  # size 0: the zones are the memory
+        if layout.affinity:
+            cpus["affinity"] = [{"vcpu": v, "host_cpus": host} for v, host in sorted(layout.affinity.items())]
     disks = [{"path": str(spec.image), "readonly": True, "id": "image"}]
     if spec.env_disk:
         disks.append({"path": str(spec.env_disk), "readonly": True, "id": "env"})
@@ -154,7 +173,7 @@ def vm_config(spec: VmSpec, *, vsock_socket: Path, serial_log: Path) -> dict[str
         disks.append({"path": str(spec.scratch_disk), "readonly": False, "id": "scratch"})
     config: dict[str, Any] = {
         "payload": payload,
-        "cpus": {"boot_vcpus": spec.cpus, "max_vcpus": spec.cpus},
+        "cpus": cpus,
         "memory": memory,
         "disks": disks,
         "vsock": {"cid": spec.vsock_cid, "socket": str(vsock_socket), "id": "channel"},
@@ -184,4 +203,21 @@ def vm_config(spec: VmSpec, *, vsock_socket: Path, serial_log: Path) -> dict[str
             devices.append(device)
     if devices:
         config["devices"] = devices
+    if layout is not None:
+        config["pci_segments"] = [{"pci_segment": s.pci_segment, "mmio32_aperture_weight": s.mmio32_weight,
+                                   "mmio64_aperture_weight": s.mmio64_weight} for s in layout.segments]
+        if layout.guest_numa:
+            config["numa"] = [{"guest_numa_id": n.guest_numa_id, "cpus": n.cpus, "memory_zones": n.zones,
+                               "pci_segments": n.pci_segments} for n in layout.guest_numa]
     return config
+
+
+def _zone(zone) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": zone.id, "size": zone.size_mib << 20}
+    if zone.hugepages:
+        body.update(hugepages=True, hugepage_size=1 << 30)
+    if zone.prefault:
+        body["prefault"] = True
+    if zone.host_numa_node is not None:
+        body["host_numa_node"] = zone.host_numa_node
+    return body

@@ -7,13 +7,18 @@ path=|fd=`, `--log-file`, `--seccomp`, `-v`, `--no-shutdown`), serves the same A
 - validates every request body against the schema the spec names for its endpoint, strictly, and every
   response body it sends; follows CH's state rules and status mapping (vmm/src/api/http/mod.rs: VM not
   created -> 404, bad JSON -> 400, unknown path -> 404, the rest -> 500, bodies are the error chain);
-- checks at `vm.boot` what CH would trip over: payload and disk files exist, each VFIO device is a sysfs
-  device bound to vfio-pci whose `/dev/vfio/<group>` exists (under the tree its path names);
+- checks at `vm.create` what CH's own config validation refuses beyond the schema (vmm/src/config.rs,
+  VmConfig::validate: PCI segments in range, NUMA nodes and memory zones used once, hugepage sizes), and at
+  `vm.boot` what CH would trip over: payload and disk files exist, memory zones exactly when `size` is 0 and
+  every zone a NUMA node names exists (memory_manager.rs, vm.rs), each VFIO device is a sysfs device bound to
+  vfio-pci whose `/dev/vfio/<group>` exists (under the tree its path names);
 - writes `--event-monitor` events in CH's format (pretty JSON objects, blank line between);
 - takes the boot's time from a latency distribution, and injects faults on request;
 - runs a guest program as a subprocess once booted, its stdout and stderr going to the serial file, with
   vsock done as CH does it on the host side: the guest reaches the host at `<vsock socket>_<port>`.
-  A guest program that exits is a guest poweroff: without `--no-shutdown` the process then ends.
+  A guest program that exits is a guest poweroff: without `--no-shutdown` the process then ends. The guest
+  "sees" the NVIDIA GPUs among the VFIO devices (their vendor:device read from sysfs): HEARTH_GUEST_GPUS, a JSON
+  list of {"address" (its guest-side address), "device"}, tells a guest program; the builtin guest reports them.
 
 Stand-in settings come from the environment variable HEARTH_STANDIN, a JSON object:
     boot_s          seconds, or {"median", "sigma", "straggler_p", "straggler_x"}: log-normal boot time
@@ -150,6 +155,10 @@ class StandIn:
     def put_vm_create(self, body: Any) -> tuple[int, Any]:
         if self.state is not None:
             raise ApiError(500, "Error from API", "The VM could not be created", "VM is already created")
+        problem = _invalid(body)
+        if problem:
+            raise ApiError(400, "Error from API", "The VM could not be created", "Error validating configuration",
+                           problem)
         self.config, self.state = body, "Created"
         return 204, None
 
@@ -251,6 +260,9 @@ class StandIn:
             if not os.path.exists(disk.get("path", "")):
                 raise ApiError(500, "Error from API", "The VM could not boot", "Error creating disk",
                                f"Failed to open disk image {disk.get('path')}: No such file or directory (os error 2)")
+        problem = _memory_problem(config)
+        if problem:
+            raise ApiError(500, "Error from API", "The VM could not boot", "Error creating memory manager", problem)
         for device in config.get("devices", []):
             problem = _vfio_problem(device.get("path", ""))
             if problem:
@@ -286,6 +298,7 @@ class StandIn:
         if config.get("vsock"):
             env["HEARTH_VSOCK_SOCKET"] = config["vsock"]["socket"]
             env["HEARTH_VSOCK_CID"] = str(config["vsock"]["cid"])
+        env["HEARTH_GUEST_GPUS"] = json.dumps(passed_gpus(config))
         if argv == "agent":
             # The guest agent on a host: only this variable makes it run anywhere but as a VM's PID 1, and
             # then it acts on nothing but its own processes (see guest/agent.py, `Hosted`).
@@ -351,7 +364,9 @@ class _BuiltinGuest(threading.Thread):
         config's `reconnect_s` (a host agent restarting) and say hello again; else power off."""
         oem = dict(s.split("=", 1) for s in self.config.get("platform", {}).get("oem_strings", []) if "=" in s)
         path = self.config["vsock"]["socket"] + "_1024"
-        hello = {"op": "hello", "node": oem.get("hearth-node"), "detail": "stand-in guest"}
+        gpus = passed_gpus(self.config)
+        hello = {"op": "hello", "node": oem.get("hearth-node"), "gpus": gpus,
+                 "detail": f"stand-in guest, {len(gpus)} simulated GPUs" if gpus else "stand-in guest"}
         joined, config, deadline = False, {}, None
         if self.vmm.fault == "silent-guest":
             self.vmm.say("fault injected: the guest never says hello")
@@ -456,6 +471,92 @@ def boot_delay(settings: dict[str, Any], rng: random.Random | None = None) -> fl
     return delay
 
 
+def passed_gpus(config: dict[str, Any]) -> list[dict[str, str]]:
+    """The NVIDIA GPUs among the VM's VFIO devices, as its guest would see them: on their PCI segment, one
+    device slot each, with the vendor:device the host's sysfs gives them."""
+    gpus, slots = [], {}
+    for device in config.get("devices", []):
+        base = device.get("path", "").rstrip("/")
+        try:
+            vendor, ident, pci_class = (_read(os.path.join(base, f)) for f in ("vendor", "device", "class"))
+        except OSError:
+            continue
+        if vendor != "0x10de" or pci_class[:6] not in ("0x0300", "0x0302"):
+            continue
+        segment = int(device.get("pci_segment", 0))
+        slots[segment] = slots.get(segment, 0) + 1
+        gpus.append({"address": f"{segment:04x}:00:{slots[segment]:02x}.0", "device": f"10de:{ident[2:]}"})
+    return gpus
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _invalid(config: dict[str, Any]) -> str | None:
+    """What CH's VmConfig::validate refuses beyond the schema, among what hearth sends; None if nothing."""
+    segments = config.get("platform", {}).get("num_pci_segments", 1)
+    memory = config.get("memory", {})
+    for where in [memory, *memory.get("zones", [])]:
+        if "hugepage_size" in where and not where.get("hugepages"):
+            return "Huge page size specified but huge pages not enabled"
+        if where.get("hugepage_size", 1) & (where.get("hugepage_size", 1) - 1):
+            return f"Huge page size is not power of 2: {where['hugepage_size']}"
+    for device in [*config.get("devices", []), *config.get("disks", []), *config.get("net", [])]:
+        if device.get("pci_segment", 0) >= segments:
+            return f"Invalid PCI segment id: {device['pci_segment']}"
+    for segment in config.get("pci_segments", []):
+        if segment["pci_segment"] >= segments:
+            return f"Invalid PCI segment id: {segment['pci_segment']}"
+        if not segment.get("mmio32_aperture_weight", 1) or not segment.get("mmio64_aperture_weight", 1):
+            return "Invalid PCI segment aperture weight: 0"
+    zones_seen, segments_seen, nodes_seen = {}, {}, set()
+    for node in config.get("numa", []):
+        number = node["guest_numa_id"]
+        if node.get("cpus") == [] or node.get("memory_zones") == []:
+            return f"Invalid NUMA configuration: empty list in guest NUMA node {number}"
+        for zone in node.get("memory_zones", []):
+            if zone in zones_seen:
+                return f"Memory zone {zone} reused by NUMA nodes {zones_seen[zone]} and {number}"
+            zones_seen[zone] = number
+        for segment in node.get("pci_segments", []):
+            if segment >= segments:
+                return f"Invalid PCI segment id: {segment}"
+            if segment == 0 and number != 0:
+                return f"Default PCI segment assigned to non-default NUMA node {number}"
+            if segment in segments_seen:
+                return f"PCI segment {segment} reused by NUMA nodes {segments_seen[segment]} and {number}"
+            segments_seen[segment] = number
+        nodes_seen.add(number)
+    ids = [z["id"] for z in memory.get("zones", [])]
+    if len(set(ids)) != len(ids):
+        return "Identifier is not unique"
+    return None
+
+
+def _memory_problem(config: dict[str, Any]) -> str | None:
+    """What CH's memory manager and NUMA setup refuse at boot, among what hearth sends."""
+    memory = config.get("memory", {})
+    zones = memory.get("zones")
+    if memory.get("size") == 0 and not zones:
+        return "User defined memory regions must be provided if the memory size is 0"
+    if memory.get("size", 0) != 0 and zones is not None:
+        return "User defined memory regions can't be provided if the memory size is not 0"
+    names = {z["id"] for z in zones or []}
+    for node in config.get("numa", []):
+        for zone in node.get("memory_zones", []):
+            if zone not in names:
+                return f"Unknown memory zone '{zone}'"
+        for cpu in node.get("cpus", []):
+            if cpu >= config.get("cpus", {}).get("max_vcpus", 1):
+                return f"Invalid NUMA configuration: vCPU {cpu} does not exist"
+    for zone in zones or []:
+        if zone.get("hugepages") and zone["size"] % zone.get("hugepage_size", 2 << 20):
+            return f"memory zone {zone['id']}: size is not a multiple of its hugepage size"
+    return None
+
+
 def _vfio_problem(path: str) -> str | None:
     """What CH would fail on when opening a VFIO device at this sysfs path, or None."""
     device = path.rstrip("/")
@@ -477,6 +578,8 @@ def _check_fault(fault: Any) -> None:
     if fault is None or fault in FAULTS:
         return
     if isinstance(fault, str) and fault.startswith("hang:"):
+        from provisioner.ch import spec
+
         method_and_name = [(m, fault[5:]) for m in ("GET", "PUT")]
         for method, name in method_and_name:
             with contextlib.suppress(KeyError):

@@ -53,6 +53,7 @@ class ChVm(VmDriver):
                          NodeTracker(history or NodeHistory(spec.node_id), on_event))
         self.spec = spec
         self.guest = guest
+        self.link.expected = list(guest.gpus)  # the guest must find these (guest_channel.GuestLink)
         self.binary = binary
         self.env = env
         self.api_timeout, self.start_timeout = api_timeout, start_timeout
@@ -115,7 +116,7 @@ class ChVm(VmDriver):
         self.tracker.transition(NodeState.vmm_started)
         config = vm_config(spec, vsock_socket=self.vsock_socket, serial_log=self.serial_log)
         await self._api("vm.create", self.client.create(config))
-        self.tracker.transition(NodeState.booting)
+        self.tracker.transition(NodeState.booting, spec.layout.describe() if spec.layout else None)
         budget = max(deadline - time.monotonic(), 0.001)
         try:
             await self._api("vm.boot", self.client.boot(timeout=budget))

@@ -43,6 +43,7 @@ class QemuVm(VmDriver):
                  network: dict[str, str], env_disk: Path | None = None) -> None:
         super().__init__(node.id, run_dir / node.id, tracker)
         self.node, self.guest, self.accel, self.network, self.env_disk = node, guest, accel, network, env_disk
+        self.link.expected = list(guest.gpus)  # none are passed through here: a guest told to expect one refuses
         self.qmp_socket = self.dir / "qmp.sock"
 
     def _check(self) -> None:

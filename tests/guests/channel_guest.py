@@ -2,7 +2,8 @@
 
 Run by the stand-in after vm.boot, like a guest agent would start after the kernel: it connects to the
 host end as vsock does on the host side (`$HEARTH_VSOCK_SOCKET_1024`), says hello with the node id from
-the SMBIOS OEM string, takes its config, says ready, and heartbeats. It powers off (exits) when the host
+the SMBIOS OEM string and the GPUs the stand-in passed it ($HEARTH_GUEST_GPUS), takes its config, says ready, and
+heartbeats. It powers off (exits) when the host
 says stop, `--poweroff-after S` seconds after it joined, on SIGTERM (the power button), or when the host
 end goes away (its parent died). It does not reconnect: it is less forgiving than the real guest agent.
 """
@@ -28,7 +29,8 @@ def send(message):
     stream.flush()
 
 
-send({"op": "hello", "node": node, "detail": f"guest pid {os.getpid()}"})
+send({"op": "hello", "node": node, "detail": f"guest pid {os.getpid()}",
+      "gpus": json.loads(os.environ.get("HEARTH_GUEST_GPUS") or "[]")})
 config = json.loads(stream.readline())
 print(f"guest {node}: config {sorted(config)}", flush=True)
 send({"op": "ready"})
