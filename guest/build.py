@@ -278,10 +278,14 @@ def _sh(argv: list[str], what: str, cwd: Path | None = None) -> None:
 
 
 def _constraints() -> str:
-    """The controller's installed distributions, as pins (pip uses those the image needs)."""
+    """The controller's installed distributions, as pins (pip uses those the image needs). Those of its
+    installation (its site-packages), not whatever `sys.path` holds now: code a notebook synced, or a test's
+    directory, would change the image's key in one process and not in another."""
+    import sysconfig
     from importlib.metadata import distributions
 
-    pins = {d.metadata["Name"].lower(): d.version for d in distributions() if d.metadata["Name"]}
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    pins = {d.metadata["Name"].lower(): d.version for d in distributions(path=site) if d.metadata["Name"]}
     pins.pop("hearth", None)
     return "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 

@@ -75,14 +75,14 @@ def up(
                                      min_nodes=min_nodes, name=name, pack_env=pack_env))
     from provisioner.run import default_work_dir
 
+    inventory_text = None
+    if hosts is not None:  # checked before any directory is made
+        _run(lambda: load_inventory(hosts))
+        inventory_text = hosts.read_text()
     default_work_dir(name)  # the supervisor's run directory: refused here, with the fix, if another user could touch it
     directory = state_root() / name
     if alive(read_state(directory)):
         _fail(f"cluster {name} is already up; `hearth down --name {name}` first, or pick another --name", 1)
-    inventory_text = None
-    if hosts is not None:
-        _run(lambda: load_inventory(hosts))
-        inventory_text = hosts.read_text()
     for stale in ("state.json", "events.jsonl", "token", "hosts.yaml"):
         (directory / stale).unlink(missing_ok=True)
     userdirs.ensure(directory, "state directory")

@@ -67,12 +67,14 @@ class Cluster:
         spec = cluster_spec(nodes=nodes, gpus_per_node=gpus_per_node, gpu_type=gpu_type,
                             backend=default_backend(backend, hosts),
                             image=image, cpus=cpus, memory_gib=memory_gib, boot_timeout=boot_timeout,
-                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or _unused_name(),
+                            min_nodes=min_nodes, labels=labels or {}, env=env or {}, name=name or "unnamed",
                             pack_env=pack_env)
+        inventory = load_inventory(Path(hosts)) if hosts else None
         self._code = CodeTree() if sync_code else None  # the notebook's code and data on every node
         if self._code is not None:
             self._code.snapshot()  # too big a directory is refused now, before anything starts
-        inventory = load_inventory(Path(hosts)) if hosts else None
+        if not name:  # picked once the request is valid: looking for a free name reads the state directory
+            spec = spec.model_copy(update={"name": _unused_name()})
         self.name = spec.name
         self._connect = connect
         self._watching = 0  # while > 0, _watched redraws four times a second; else each event does

@@ -3,8 +3,10 @@ request the client sent during the suite."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -31,12 +33,43 @@ SSHD = "/usr/sbin/sshd"
 HEARTH = str(VENV_BIN / "hearth")
 IMAGE = Path(os.environ.get("HEARTH_TEST_IMAGE", "/var/cache/hearth/test-guest-image"))
 NVIDIA_IMAGE = os.environ.get("HEARTH_TEST_NVIDIA_IMAGE", "/var/cache/hearth/test-guest-image-nvidia")  # + 550, ...
-NVIDIA_DRIVERS = os.environ.get("HEARTH_TEST_NVIDIA_DRIVERS", "550,535").split(",")
+NVIDIA_DRIVERS = os.environ.get("HEARTH_TEST_NVIDIA_DRIVERS", "550").split(",")
 # The qemu backend's guests' subnet on this machine's test bridge; HEARTH_TEST_QEMU_SUBNET moves it (a /24) when
 # another run's bridge holds this one.
 QEMU_SUBNET = os.environ.get("HEARTH_TEST_QEMU_SUBNET", "10.253.0.0/24")
 QEMU_GATEWAY = QEMU_SUBNET.rsplit(".", 1)[0] + ".1"
 QEMU_TAPS = "hth" + bytes(int(o) for o in QEMU_SUBNET.split(".")[:3]).hex()  # its guests' taps (net.tap_name)
+
+
+BRIDGE_ALIAS = "hearth-test pid="  # a test bridge's alias names the process that made it
+
+
+@contextlib.contextmanager
+def temporary_bridge(name: str, gateway: str):
+    """A bridge with `gateway` (an address/prefix) on it, up, deleted afterwards. A bridge an earlier run left
+    behind holding the same subnet (its maker dead: a run killed before its teardown) is deleted first: its route
+    would take the guests' traffic. One a live run holds fails here, naming it."""
+    subnet = ipaddress.ip_interface(gateway).network
+    held = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout)
+    for link in held:
+        if not any(a.get("family") == "inet" and ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
+                   == subnet for a in link.get("addr_info", [])):
+            continue
+        alias = subprocess.run(["ip", "-j", "link", "show", link["ifname"]], capture_output=True, text=True).stdout
+        alias = (json.loads(alias or "[{}]")[0].get("ifalias") or "")
+        maker = int(alias[len(BRIDGE_ALIAS):]) if alias.startswith(BRIDGE_ALIAS) else None
+        if maker is None and not link["ifname"].startswith(("hbr", "hbf")) or maker is not None and Path(f"/proc/{maker}").exists():
+            pytest.fail(f"{link['ifname']} holds {subnet}, which this test's bridge needs ({alias or 'not a test bridge'}): "
+                        "end that run, or move this one (HEARTH_TEST_QEMU_SUBNET for the qemu tests)")
+        subprocess.run(["ip", "link", "delete", link["ifname"]], capture_output=True)
+    for step in (["link", "add", name, "type", "bridge"], ["link", "set", name, "alias", f"{BRIDGE_ALIAS}{os.getpid()}"],
+                 ["addr", "add", gateway, "dev", name], ["link", "set", name, "up"]):
+        made = subprocess.run(["ip", *step], capture_output=True, text=True)
+        assert made.returncode == 0, (step, made.stderr)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "delete", name], capture_output=True)
 
 
 def say(request, text: str) -> None:
@@ -253,9 +286,5 @@ def qemu_bridge():
         lacking("a bridge and taps for QEMU's VMs need root: run the tests as root")
     if shutil.which("qemu-system-x86_64") is None:
         lacking("qemu-system-x86_64 is not installed (scripts/test installs qemu-system-x86)")
-    name = f"hbrq{os.getpid() % 10000:04d}"
-    for step in (["link", "add", name, "type", "bridge"], ["addr", "add", f"{QEMU_GATEWAY}/24", "dev", name],
-                 ["link", "set", name, "up"]):
-        assert subprocess.run(["ip", *step], capture_output=True).returncode == 0, step
-    yield name
-    subprocess.run(["ip", "link", "delete", name], capture_output=True)
+    with temporary_bridge(f"hbrq{os.getpid() % 10000:04d}", f"{QEMU_GATEWAY}/24") as name:
+        yield name

@@ -6,6 +6,7 @@ generated keys), the way a remote GPU host is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import temporary_bridge
 from hosts import HGX_GPUS, hgx_h100
 from hosttree import FakeKernel
 from provisioner.run import ClusterRun
@@ -39,36 +41,29 @@ STANDIN_GUEST = {"boot_s": 0.3, "guest": "builtin", "join_s": 0.1}
 def fleet(tmp_path, agents, sshd):
     """Two GPU hosts: `a` (local socket) and `b` (through SSH), 8 H100s each on vfio-pci, a bridge each."""
     tag = f"{os.getpid() % 10000:04d}"
-    hosts, bridges = [], []
-    for index, name in enumerate(("a", "b"), start=1):
-        root = tmp_path / f"host-{name}"
-        tree = hgx_h100(root)
-        with FakeKernel(tree):
-            apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS, nvml=None))
-        (root / "proc/sys/net/ipv4").mkdir(parents=True)
-        (root / "proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        bridge, subnet = f"hbr{tag}{name}", f"10.251.{index}.0/24"
-        _ip("link", "add", bridge, "type", "bridge")
-        bridges.append(bridge)
-        _ip("addr", "add", f"10.251.{index}.1/24", "dev", bridge)
-        _ip("link", "set", bridge, "up")
-        host = agents.start(name, root=root, bridge=bridge, subnet=subnet)
-        network = HostNetwork(bridge=bridge, subnet=subnet)
-        if name == "b":
-            host = host.model_copy(update={"address": sshd["address"], "ssh_identity": sshd["identity"],
-                                           "ssh_known_hosts": sshd["known_hosts"]})
-        hosts.append(host.model_copy(update={"network": network, "nvlink_cliques": [HGX_GPUS]}))
-    image = tmp_path / "image"
-    image.mkdir()
-    for part in ("vmlinuz", "initrd.img", "rootfs.img"):
-        (image / part).write_bytes(b"\0" * 4096)
-    yield Inventory(hosts=hosts), image
-    for bridge in bridges:
-        _ip("link", "delete", bridge)
+    hosts = []
+    with contextlib.ExitStack() as bridges:
+        for index, name in enumerate(("a", "b"), start=1):
+            root = tmp_path / f"host-{name}"
+            tree = hgx_h100(root)
+            with FakeKernel(tree):
+                apply(HostRoot(root), plan_bind(HostRoot(root), HGX_GPUS, nvml=None))
+            (root / "proc/sys/net/ipv4").mkdir(parents=True)
+            (root / "proc/sys/net/ipv4/ip_forward").write_text("1\n")
+            subnet = f"10.251.{index}.0/24"
+            bridge = bridges.enter_context(temporary_bridge(f"hbr{tag}{name}", f"10.251.{index}.1/24"))
+            host = agents.start(name, root=root, bridge=bridge, subnet=subnet)
+            network = HostNetwork(bridge=bridge, subnet=subnet)
+            if name == "b":
+                host = host.model_copy(update={"address": sshd["address"], "ssh_identity": sshd["identity"],
+                                               "ssh_known_hosts": sshd["known_hosts"]})
+            hosts.append(host.model_copy(update={"network": network, "nvlink_cliques": [HGX_GPUS]}))
+        image = tmp_path / "image"
+        image.mkdir()
+        for part in ("vmlinuz", "initrd.img", "rootfs.img"):
+            (image / part).write_bytes(b"\0" * 4096)
+        yield Inventory(hosts=hosts), image
 
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def _run(spec_fields, inventory, image, run_dir, **options) -> ClusterRun:

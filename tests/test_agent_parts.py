@@ -140,7 +140,8 @@ def test_a_recorded_process_is_found_only_while_it_is_the_same_one():
 
 def _state(tmp_path: Path, name: str, **state) -> Path:
     directory = tmp_path / "clusters" / name
-    directory.mkdir(parents=True)
+    directory.parent.mkdir(mode=0o700, exist_ok=True)  # hearth uses only state directories of the user's own
+    directory.mkdir(mode=0o700)
     (directory / "state.json").write_text(json.dumps({"name": name, "status": "ready", **state}))
     return directory
 

@@ -47,7 +47,9 @@ def test_bench_boot_every_path_small(tmp_path, request):
         assert p["cluster_ready_s"] >= max(draws.values()) and p["cluster_ready_s"] >= p["placed_to_ready_max_s"]
         assert all(float(solo) >= draws[int(i)] for i, solo in p["solo_s"].items())
         assert p["solo_slowest_s"] == max(p["solo_s"].values())
-        assert p["ratio_to_solo"] == pytest.approx(p["cluster_ready_s"] / p["solo_slowest_s"], abs=0.002)
+        # the ratio is of the unrounded times, the times shown rounded to 1 ms: allow what that rounding moves it
+        ratio, cluster, solo = p["cluster_ready_s"] / p["solo_slowest_s"], p["cluster_ready_s"], p["solo_slowest_s"]
+        assert p["ratio_to_solo"] == pytest.approx(ratio, abs=0.0005 + ratio * (0.0005 / cluster + 0.0005 / solo))
         requests = {k: v["count"] for k, v in p["agent_requests"].items()}
         assert requests["PUT /v1/vms/{id}"] == requests["DELETE /v1/vms/{id}"] == p["nodes"]
         assert requests["GET /v1/info"] == requests["GET /v1/gpus"] == p["hosts"]

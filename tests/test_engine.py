@@ -37,12 +37,15 @@ def processes_mentioning(text: str) -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
+        cmdline = " ".join(argv)
         if text in cmdline and "State:\tZ" not in status and int(pid) != os.getpid():
-            found.append(f"{pid}: {cmdline[:120]}")
+            if argv[1:2] == ["-c"]:  # `python -c CODE ARGS`: the arguments say what it is, the code is long
+                argv = [argv[0], "-c", "<code>", *argv[3:]]
+            found.append(f"{pid}: {' '.join(argv)[:400]}")
     return found
 
 

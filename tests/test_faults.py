@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import STANDIN, say
+from conftest import STANDIN, say, temporary_bridge
 from hosts import HGX_GPUS, hgx_h100
 from provisioner.agent.check import problems
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
@@ -73,14 +73,10 @@ def fleet(tmp_path_factory, request):
     image.mkdir()
     for part in ("vmlinuz", "initrd.img", "rootfs.img"):
         (image / part).write_bytes(b"\0" * 4096)
-    bridge = f"hbf{os.getpid() % 10000:04d}"
-    for step in (["link", "add", bridge, "type", "bridge"], ["addr", "add", f"10.249.{NET}.1/24", "dev", bridge],
-                 ["link", "set", bridge, "up"]):
-        subprocess.run(["ip", *step], check=True, capture_output=True)
     Path(GUEST_TMP).mkdir(mode=0o700)
     started = time.monotonic()
-    yield {"root": root, "image": image, "bridge": bridge}
-    subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+    with temporary_bridge(f"hbf{os.getpid() % 10000:04d}", f"10.249.{NET}.1/24") as bridge:
+        yield {"root": root, "image": image, "bridge": bridge}
     shutil.rmtree(GUEST_TMP, ignore_errors=True)
     width = max((len(f) for f, *_ in MATRIX), default=5)
     lines = [f"\nfault matrix ({len(MATRIX)} faults, {time.monotonic() - started:.0f} s):",

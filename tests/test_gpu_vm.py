@@ -16,6 +16,7 @@ import pytest
 from conftest import STANDIN
 from hosts import GIB, HGX_GPUS, L40S_GPUS, hgx_h100, l40s_server
 from hosttree import FakeKernel
+from provisioner.agent.auth import Caller
 from provisioner.agent.host import AgentConfig, CreateVm, HostAgent
 from provisioner.ch import spec
 from provisioner.ch.config import GpuGroup, vm_config, vm_spec
@@ -225,6 +226,8 @@ def test_the_agent_lays_out_gpu_vms_refuses_before_leasing_and_reports_nvswitche
             "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"}, "gpus": [{"address": a} for a in gpus]},
             standin={"boot_s": 0.5, "guest": "builtin"})
 
+    ROOT = Caller(uid=0)  # root, by hand: the agent opens controller c1's lease for it
+
     async def scenario(policy: str) -> dict:
         agent = HostAgent(AgentConfig(host_root=root, state_dir=tmp_path / f"state-{policy}", run_dir=run_dir / policy,
                                       cloud_hypervisor=STANDIN, hugepages=policy))
@@ -233,12 +236,12 @@ def test_the_agent_lays_out_gpu_vms_refuses_before_leasing_and_reports_nvswitche
         try:
             if policy == "require":
                 with pytest.raises(AgentError, match="--hugepages require"):
-                    await agent.create_vm("big", request("big", HGX_GPUS[:4], 128))
+                    await agent.create_vm("big", request("big", HGX_GPUS[:4], 128), ROOT)
                 seen["leased"] = dict(agent.ledger.vms)
                 return seen
             # two VMs booting at once on node 0: 60 + 60 GiB of its 100 free pages
-            first, second = await asyncio.gather(agent.create_vm("one", request("one", HGX_GPUS[:1], 60)),
-                                                 agent.create_vm("two", request("two", HGX_GPUS[1:2], 60)))
+            first, second = await asyncio.gather(agent.create_vm("one", request("one", HGX_GPUS[:1], 60), ROOT),
+                                                 agent.create_vm("two", request("two", HGX_GPUS[1:2], 60), ROOT))
             seen["one"], seen["two"] = first, second
             client = ChClient(str(run_dir / policy / "one" / "api.sock"))
             seen["config"] = (await client.info()).config
@@ -246,7 +249,7 @@ def test_the_agent_lays_out_gpu_vms_refuses_before_leasing_and_reports_nvswitche
             (root / "usr/share/nvidia/nvswitch").mkdir(parents=True)
             (root / "usr/share/nvidia/nvswitch/fabricmanager.cfg").write_text("LOG_LEVEL=4\nFABRIC_MODE=1\n")
             tree.process(4242, "nv-fabricmanage", [])
-            seen["eight"] = await agent.create_vm("eight", request("eight", HGX_GPUS[2:8], 8))
+            seen["eight"] = await agent.create_vm("eight", request("eight", HGX_GPUS[2:8], 8), ROOT)
             seen["promised"] = dict(agent._promised)
             for vm in ("one", "two", "eight"):
                 deadline = time.monotonic() + 20

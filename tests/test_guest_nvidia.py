@@ -3,7 +3,8 @@ under QEMU without a GPU (no GPU here: what only a GPU host can show is listed i
 CI (CI=true) from scratch on every run; elsewhere into /var/cache/hearth/test-guest-image-nvidia<branch>
 (HEARTH_TEST_NVIDIA_IMAGE<branch>), reused while its inputs are unchanged; one session builds each once (the
 `nvidia_images` fixture). HEARTH_TEST_NVIDIA_DRIVERS names the images to build: a branch, optionally with a module
-flavour ("550,535" by default: from scratch each took 4-8 minutes on a 2-core machine; "550:proprietary" builds that
+flavour ("550" by default, to keep CI's run short: from scratch each took 4-8 minutes on a 2-core machine;
+"550,535" builds both, "550:proprietary" that
 flavour); the QEMU boots use the first."""
 
 from __future__ import annotations

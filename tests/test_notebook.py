@@ -50,7 +50,7 @@ def test_cluster_and_pool_verbs(isolated, run_dir):
         assert all(set(n["profile"]) >= {"guest_up", "ray_joined", "ready", "total"} for n in cluster.nodes)
         assert "Ray runtime started" in cluster.logs("verbs-0")
         html = cluster._repr_html_()
-        assert "2 ready" in html and "Ray head: up" in html and html.count("border-radius:3px") == 2
+        assert "2 ready" in html and "Ray head: up" in html and html.count('class="r" title="verbs-') == 2  # a timeline row per node
         table = cluster.nodes._repr_html_()  # a table, phases named for the local backend
         assert "<th>first output</th>" in table and table.count("<td>ready</td>") == 2
         from provisioner.view import summary_html

@@ -102,7 +102,9 @@ class LocalNode:
                 f"--min-worker-port={low}", f"--max-worker-port={min(low + 99, 65535)}"]
         env = local_env(**self.spec.env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray.token)
         launcher = None
-        if self.backend is not None and not any(k.startswith("RAY_") for k in self.spec.env):
+        # Ray's settings and the interpreter's (PYTHONHOME, PYTHONPATH, ...) are read as a process starts: a node
+        # whose env sets any of them gets a fresh interpreter, not a fork of the launcher
+        if self.backend is not None and not any(k.startswith(("RAY_", "PYTHON")) for k in self.spec.env):
             launcher = await self.backend.launcher()
         try:
             if launcher is not None:
