@@ -137,54 +137,58 @@ def test_two_vms_join_ray_run_tasks_and_power_off_when_the_controller_dies(reque
                          "--cpus", "1", "--memory-gib", "2", "--boot-timeout", "400", "--name", name],
                         capture_output=True, text=True, env=env, timeout=600)
     up_s = time.monotonic() - started
-    assert up.returncode == 0, up.stdout + up.stderr
-    _say(request, f"\nhearth up, 2 VMs under TCG: {up_s:.1f} s\n{up.stdout}")
-    state = json.loads(subprocess.run([HEARTH, "status", "--name", name, "--json"], capture_output=True, text=True,
-                                      env=env, check=True).stdout)
-    nodes = state["nodes"]
-    assert [n["state"] for n in nodes] == ["ready", "ready"]
-    for node in nodes:
-        assert set(node["guest_profile"]) == {"firmware", "kernel", "agent", "ray start"}
-        assert 0 < node["guest_profile"]["kernel"] < node["profile"]["guest_up"] + node["profile"]["vmm_started"]
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        _say(request, f"\nhearth up, 2 VMs under TCG: {up_s:.1f} s\n{up.stdout}")
+        state = json.loads(subprocess.run([HEARTH, "status", "--name", name, "--json"], capture_output=True, text=True,
+                                          env=env, check=True).stdout)
+        nodes = state["nodes"]
+        assert [n["state"] for n in nodes] == ["ready", "ready"]
+        for node in nodes:
+            # the guests mount the controller's environment image before `ray start`
+            assert set(node["guest_profile"]) == {"firmware", "kernel", "agent", "env mount", "ray start"}
+            assert 0 < node["guest_profile"]["kernel"] < node["profile"]["guest_up"] + node["profile"]["vmm_started"]
 
-    script = tmp_path / "where.py"
-    script.write_text(
-        "import ray\nray.init()\n"
-        "ids = sorted(n['Labels']['hearth.io/node'] for n in ray.nodes() if n['Alive'] and 'hearth.io/node' in n['Labels'])\n"
-        "root = lambda: [line.split()[2] for line in open('/proc/mounts') if line.split()[1] == '/'][-1]\n"
-        "where = ray.remote(num_cpus=1)(lambda: (ray.get_runtime_context().get_node_labels()['hearth.io/node'],"
-        " open('/etc/hostname').read().strip(), root()))\n"
-        "print('ran on', ray.get([where.options(label_selector={'hearth.io/node': i}).remote() for i in ids]))\n")
-    started = time.monotonic()
-    job = subprocess.run([HEARTH, "job", "submit", "--name", name, "--", "python", str(script)],
-                         capture_output=True, text=True, env=env, timeout=400)
-    job_s = time.monotonic() - started
-    assert job.returncode == 0, job.stdout + job.stderr
-    # each task ran inside its own VM (the image's hostname, an overlay root), on the node its label names
-    assert f"ran on [('{name}-0', 'hearth-guest', 'overlay'), ('{name}-1', 'hearth-guest', 'overlay')]" in job.stdout
+        script = tmp_path / "where.py"
+        script.write_text(
+            "import ray\nray.init()\n"
+            "ids = sorted(n['Labels']['hearth.io/node'] for n in ray.nodes() if n['Alive'] and 'hearth.io/node' in n['Labels'])\n"
+            "root = lambda: [line.split()[2] for line in open('/proc/mounts') if line.split()[1] == '/'][-1]\n"
+            "where = ray.remote(num_cpus=1)(lambda: (ray.get_runtime_context().get_node_labels()['hearth.io/node'],"
+            " open('/etc/hostname').read().strip(), root()))\n"
+            "print('ran on', ray.get([where.options(label_selector={'hearth.io/node': i}).remote() for i in ids]))\n")
+        started = time.monotonic()
+        job = subprocess.run([HEARTH, "job", "submit", "--name", name, "--", "python", str(script)],
+                             capture_output=True, text=True, env=env, timeout=400)
+        job_s = time.monotonic() - started
+        assert job.returncode == 0, job.stdout + job.stderr
+        # each task ran inside its own VM (the image's hostname, an overlay root), on the node its label names
+        assert f"ran on [('{name}-0', 'hearth-guest', 'overlay'), ('{name}-1', 'hearth-guest', 'overlay')]" in job.stdout
 
-    assert len(_qemus(str(run_dir))) == 2 and len(_taps()) == 2
-    os.kill(state["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    while _qemus(str(run_dir)) and time.monotonic() - killed < 90:
-        time.sleep(0.2)
-    gone_s = time.monotonic() - killed
-    assert not _qemus(str(run_dir)), "the VMs did not power off after their controller died"
-    _say(request, f"a task on each VM (job, workers started cold under TCG): {job_s:.1f} s; "
-                  f"controller SIGKILLed -> both VMs powered off in {gone_s:.1f} s (the guests wait 10 s for it)")
-    for node in nodes:
-        serial = (run_dir / "vms" / node["id"] / "serial.log").read_text()
-        assert "powering off: the host end has been gone for 10 s" in serial
-    # nothing left: no VMM, tap, disk layer, Ray process of this cluster; the node directories keep their logs
-    assert not _taps()
-    left = {p.name for p in (run_dir / "vms").rglob("*") if not p.is_dir()}
-    assert left <= {"serial.log", "qemu.log", "channel.sock"}, f"a node left more than its logs: {left}"
-    manifest = json.loads((image / "manifest.json").read_text())  # the shared disk was read-only to every guest
-    assert hashlib.sha256((image / "rootfs.img").read_bytes()).hexdigest() == manifest["files"]["rootfs.img"]
-    ray_left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
-    assert not ray_left, f"processes of the dead cluster are left: {ray_left}"
-    status = subprocess.run([HEARTH, "status", "--name", name], capture_output=True, text=True, env=env)
-    assert "gone (its supervisor is not running)" in status.stdout
+        assert len(_qemus(str(run_dir))) == 2 and len(_taps()) == 2
+        os.kill(state["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        while _qemus(str(run_dir)) and time.monotonic() - killed < 90:
+            time.sleep(0.2)
+        gone_s = time.monotonic() - killed
+        assert not _qemus(str(run_dir)), "the VMs did not power off after their controller died"
+        _say(request, f"a task on each VM (job, workers started cold under TCG): {job_s:.1f} s; "
+                      f"controller SIGKILLed -> both VMs powered off in {gone_s:.1f} s (the guests wait 10 s for it)")
+        for node in nodes:
+            serial = (run_dir / "vms" / node["id"] / "serial.log").read_text()
+            assert "powering off: the host end has been gone for 10 s" in serial
+        # nothing left: no VMM, tap, disk layer, Ray process of this cluster; the node directories keep their logs
+        assert not _taps()
+        left = {p.name for p in (run_dir / "vms").rglob("*") if not p.is_dir()}
+        assert left <= {"serial.log", "qemu.log", "channel.sock"}, f"a node left more than its logs: {left}"
+        manifest = json.loads((image / "manifest.json").read_text())  # the shared disk was read-only to every guest
+        assert hashlib.sha256((image / "rootfs.img").read_bytes()).hexdigest() == manifest["files"]["rootfs.img"]
+        ray_left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+        assert not ray_left, f"processes of the dead cluster are left: {ray_left}"
+        status = subprocess.run([HEARTH, "status", "--name", name], capture_output=True, text=True, env=env)
+        assert "gone (its supervisor is not running)" in status.stdout
+    finally:  # a failed assertion leaves no cluster to the tests after it (its taps would be busy)
+        subprocess.run([HEARTH, "down", "--name", name], capture_output=True, env=env, timeout=120)
     subprocess.run(["rm", "-rf", str(run_dir)])
 
 
@@ -200,29 +204,33 @@ def test_a_controller_killed_mid_boot_leaves_no_vm(request, tmp_path, run_dir, b
     up = subprocess.Popen([HEARTH, "up", "--backend", "qemu", "--hosts", str(hosts), "--image", str(image), "--nodes", "2",
                            "--cpus", "1", "--memory-gib", "2", "--name", name], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env)
-    events = state_dir / "clusters" / name / "events.jsonl"
-    deadline = time.monotonic() + 120
-    greeted: set[str] = set()
-    while len(greeted) < 2 and time.monotonic() < deadline and up.poll() is None:
-        if events.exists():
-            for line in events.read_text().splitlines():
-                event = json.loads(line)
-                assert event["state"] not in ("ray_joined", "ready"), "joined before the controller could be killed"
-                if event["state"] == "guest_up":
-                    greeted.add(event["node"])
-        time.sleep(0.1)
-    assert len(greeted) == 2, f"the guests did not say hello: {up.stdout.read() if up.poll() is not None else ''}"
-    supervisor = json.loads((state_dir / "clusters" / name / "state.json").read_text())["pid"]
-    os.kill(supervisor, signal.SIGKILL)
-    killed = time.monotonic()
-    assert "did not come up" in up.communicate(timeout=30)[0]
-    while _qemus(str(run_dir)) and time.monotonic() - killed < 60:
-        time.sleep(0.2)
-    gone_s = time.monotonic() - killed
-    assert not _qemus(str(run_dir)), "VMs outlived their controller, killed while they ran `ray start`"
-    _say(request, f"\ncontroller SIGKILLed during `ray start` -> both VMs powered off in {gone_s:.1f} s")
-    assert not _taps()
-    assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    try:
+        events = state_dir / "clusters" / name / "events.jsonl"
+        deadline = time.monotonic() + 120
+        greeted: set[str] = set()
+        while len(greeted) < 2 and time.monotonic() < deadline and up.poll() is None:
+            if events.exists():
+                for line in events.read_text().splitlines():
+                    event = json.loads(line)
+                    assert event["state"] not in ("ray_joined", "ready"), "joined before the controller could be killed"
+                    if event["state"] == "guest_up":
+                        greeted.add(event["node"])
+            time.sleep(0.1)
+        assert len(greeted) == 2, f"the guests did not say hello: {up.stdout.read() if up.poll() is not None else ''}"
+        supervisor = json.loads((state_dir / "clusters" / name / "state.json").read_text())["pid"]
+        os.kill(supervisor, signal.SIGKILL)
+        killed = time.monotonic()
+        assert "did not come up" in up.communicate(timeout=30)[0]
+        while _qemus(str(run_dir)) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+        gone_s = time.monotonic() - killed
+        assert not _qemus(str(run_dir)), "VMs outlived their controller, killed while they ran `ray start`"
+        _say(request, f"\ncontroller SIGKILLed during `ray start` -> both VMs powered off in {gone_s:.1f} s")
+        assert not _taps()
+        assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    finally:  # a failed assertion leaves no cluster to the tests after it
+        up.kill()
+        subprocess.run([HEARTH, "down", "--name", name], capture_output=True, env=env, timeout=120)
     subprocess.run(["rm", "-rf", str(run_dir)])
 
 
