@@ -64,8 +64,10 @@ RAYLET_WAIT_S = 300
 # - its dashboard agent serves the node's metrics for Prometheus at --metrics-export-port on every interface
 #   with no authentication (Ray has no flag to bind it elsewhere; every other port a node listens on checks the
 #   cluster's token): the agent is started with --disable-metrics-collection, so that port is never opened.
-#   The dashboard's own node view does not need it. HEARTH_RAY_METRICS_EXPORT=1 in a cluster's env opens it
-#   again, for a Prometheus that scrapes the nodes (README: "Ports").
+#   The dashboard's own node view does not need it. On the head, the dashboard and the autoscaler's monitor
+#   each serve theirs the same way, on fixed ports (44227, 44217) of every interface: their Prometheus server is
+#   not started either. HEARTH_RAY_METRICS_EXPORT=1 in a cluster's env opens them all again, for a Prometheus
+#   that scrapes the nodes (README: "Ports").
 RAY_START = """
 import os, sys, time
 import ray._private.services as services
@@ -82,12 +84,17 @@ def get_node(*args, **kwargs):
 services.get_node = get_node
 start_process = services.start_ray_process
 metrics = os.environ.get("HEARTH_RAY_METRICS_EXPORT") == "1"
+no_exporter = ("import prometheus_client, runpy, sys; prometheus_client.start_http_server = lambda *a, **k: None; "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 def start_ray_process(command, process_type, *args, **kwargs):
     if process_type == "raylet":
         command = [*command, "--dashboard_agent_listen_port={port}"]
         if not metrics:
             agent = "--dashboard_agent_command="
             command = [c + " --disable-metrics-collection" if c.startswith(agent) else c for c in command]
+    elif process_type in ("dashboard", "monitor") and not metrics:
+        script = next(i for i, c in enumerate(command) if c.endswith(".py"))
+        command = [*command[:script], "-c", no_exporter, *command[script:]]
     return start_process(command, process_type, *args, **kwargs)
 services.start_ray_process = start_ray_process
 from ray.scripts.scripts import main

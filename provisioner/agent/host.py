@@ -156,6 +156,7 @@ class HostAgent:
         self.ended: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()  # lease records and VM creation: what a release collects is all there is
         self._changes: dict[str, asyncio.Event] = {}  # per VM: set (and replaced) on each of its events
+        self._closing = False  # the agent is stopping: long polls answer at once
         self._booting: dict[str, asyncio.Task] = {}  # VM id -> its boot, until vm.boot answered or it failed
         self._ending: dict[str, asyncio.Task] = {}  # VM id -> its end, while it runs (`_end`)
         self._how_ending: dict[str, tuple[str, bool]] = {}  # VM id -> (why, keep its logs)
@@ -176,6 +177,14 @@ class HostAgent:
         await self._recover()
         await self._sweep()
         self._housekeeper = asyncio.create_task(self._housekeeping())
+
+    def end_watches(self) -> None:
+        """The agent is stopping: every long poll (a controller following a VM, up to a minute) answers now with
+        the VM as it is, so that the server's shutdown does not wait them out while leases run down."""
+        self._closing = True
+        for changed in self._changes.values():
+            changed.set()
+        self._changes.clear()
 
     async def close(self) -> None:
         """Stop serving; the VMs keep running (a restarted agent adopts them)."""
@@ -418,7 +427,7 @@ class HostAgent:
                 return summary
             if uid is not None and _uid(self.ledger.vms.get(vm_id)) != uid:
                 raise VmNotFound(f"VM {vm_id} is not (or no longer) the one with uid {uid}")
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._closing:
                 return self.vm(vm_id)
             changed = self._changes.setdefault(vm_id, asyncio.Event())
             with contextlib.suppress(asyncio.TimeoutError):

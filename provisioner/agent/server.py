@@ -228,7 +228,9 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
     _warm_up()
     agent = HostAgent(config)
     await agent.start()
-    runner = web.AppRunner(app(agent), handle_signals=False, access_log=None)
+    # a request still open after 5 s (a VM's boot, which goes on as the agent's task) is cut: the agent's own
+    # restart must not wait on its callers, whose leases run down meanwhile
+    runner = web.AppRunner(app(agent), handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
         site = web.UnixSite(runner, str(socket_path))
@@ -247,6 +249,7 @@ async def serve(config: AgentConfig, socket_path: Path, group: str | None = "hea
             ready.set()
         await stop.wait()
     finally:
+        agent.end_watches()
         await runner.cleanup()
         await agent.close()
         socket_path.unlink(missing_ok=True)
