@@ -261,8 +261,8 @@ def test_the_notebooks_work_runs_on_vms_in_its_own_environment(request, tmp_path
         import tabulate
         import ujson
 
-        return (socket.gethostname(), mylib.VALUE, ujson.dumps({"a": 1}), tabulate.tabulate([[1, 2]]).split()[-1],
-                open("data.txt").read().strip())
+        return (socket.gethostname(), mylib.VALUE, ujson.dumps({"a": 1}),
+                tabulate.tabulate([[1, 2]], tablefmt="plain").split()[-1], open("data.txt").read().strip())
 
     started = time.monotonic()
     with Pool(min=2, max=2, backend="qemu", hosts=hosts, image=image, memory_gib=2, boot_timeout=600, name=name) as pool:
