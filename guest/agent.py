@@ -93,8 +93,9 @@ def start_ray_process(command, process_type, *args, **kwargs):
             agent = "--dashboard_agent_command="
             command = [c + " --disable-metrics-collection" if c.startswith(agent) else c for c in command]
     elif process_type in ("dashboard", "monitor") and not metrics:
-        script = next(i for i, c in enumerate(command) if c.endswith(".py"))
-        command = [*command[:script], "-c", no_exporter, *command[script:]]
+        script = next((i for i, c in enumerate(command) if c.endswith(".py")), None)
+        if script is not None:
+            command = [*command[:script], "-c", no_exporter, *command[script:]]
     return start_process(command, process_type, *args, **kwargs)
 services.start_ray_process = start_ray_process
 from ray.scripts.scripts import main
