@@ -207,6 +207,25 @@ Subsystem sftp internal-sftp
     server.wait(10)
 
 
+def _build_image(command: list[str], out: Path, timeout: float) -> tuple[dict, str]:
+    """Run `hearth guest build` into `out`, check its files against the manifest, and build again with the same
+    inputs, which must reuse it unchanged; returns the manifest and how long each took, in words."""
+    started = time.monotonic()
+    built = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert built.returncode == 0, built.stdout + built.stderr
+    took = time.monotonic() - started
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
+    started = time.monotonic()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    return manifest, (f"{'reused' if 'reused' in built.stdout else 'built'} in {took:.1f} s (a build from scratch "
+                      f"took {manifest['built_s']} s); a rebuild with the same inputs: {time.monotonic() - started:.1f} s; "
+                      f"rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+
+
 @pytest.fixture(scope="session")
 def guest_image(request, tmp_path_factory):
     """The guest image every VM test boots: in CI (CI=true) built from scratch; elsewhere into
@@ -217,20 +236,8 @@ def guest_image(request, tmp_path_factory):
         lacking("debootstrap is not installed (scripts/test installs it)")
     fresh = os.environ.get("CI") == "true"
     out = tmp_path_factory.mktemp("guest-image") if fresh else IMAGE
-    started = time.monotonic()
-    built = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=1200)
-    assert built.returncode == 0, built.stdout + built.stderr
-    took = time.monotonic() - started
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, digest in manifest["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, f"{name} does not match the manifest"
-    started = time.monotonic()
-    again = subprocess.run([HEARTH, "guest", "build", "--out", str(out)], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
-    reused = "reused" in built.stdout
-    say(request, f"\nguest image {out}: {'reused' if reused else 'built'} in {took:.1f} s "
-                  f"(a build from scratch took {manifest['built_s']} s); a rebuild with the same inputs: "
-                  f"{time.monotonic() - started:.1f} s; rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+    manifest, how = _build_image([HEARTH, "guest", "build", "--out", str(out)], out, timeout=1200)
+    say(request, f"\nguest image {out}: {how}")
     yield out
     if fresh:
         subprocess.run(["rm", "-rf", str(out)])
@@ -252,24 +259,11 @@ def nvidia_images(request, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"guest-image-nvidia{name}") if fresh else Path(f"{NVIDIA_IMAGE}{name}")
             command = [HEARTH, "guest", "build", "--out", str(out), "--nvidia-driver", branch,
                        *(["--nvidia-modules", flavour] if flavour else [])]
-            started = time.monotonic()
-            done = subprocess.run(command, capture_output=True, text=True, timeout=3000)
-            assert done.returncode == 0, done.stdout + done.stderr
-            took = time.monotonic() - started
-            manifest = json.loads((out / "manifest.json").read_text())
-            for file, digest in manifest["files"].items():
-                assert hashlib.sha256((out / file).read_bytes()).hexdigest() == digest, f"{file} does not match the manifest"
-            started = time.monotonic()
-            again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            assert again.returncode == 0 and "reused" in again.stdout, again.stdout + again.stderr
-            assert json.loads((out / "manifest.json").read_text()) == manifest
+            manifest, how = _build_image(command, out, timeout=3000)
             nvidia = manifest["nvidia"]
             say(request, f"\nguest image {out} with NVIDIA {manifest['inputs']['nvidia']['driver']} "
-                         f"({manifest['inputs']['nvidia']['modules']}): {'reused' if 'reused' in done.stdout else 'built'} "
-                         f"in {took:.1f} s (from scratch it took {manifest['built_s']} s, the modules "
-                         f"{nvidia['modules_s']} s of which DKMS compiling {nvidia['dkms_s']} s with -j{nvidia['jobs']}); "
-                         f"a rebuild with the same inputs: {time.monotonic() - started:.1f} s; "
-                         f"rootfs {(out / 'rootfs.img').stat().st_size >> 20} MiB")
+                         f"({manifest['inputs']['nvidia']['modules']}): {how}; the modules took {nvidia['modules_s']} s "
+                         f"of which DKMS compiling {nvidia['dkms_s']} s with -j{nvidia['jobs']}")
             built[driver] = (branch, flavour or "open", out, manifest)
         return built[driver]
 
