@@ -52,6 +52,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "metrics-export-port", "runtime-env-agent-port")
 VM_PORTS = dict(zip(PORT_FLAGS, range(6380, 6386)))  # one node per VM: fixed ports
+ALONE_S = 60.0  # how long a guest waits for a host end to configure it before it powers off
 RAYLET_WAIT_S = 300
 # `ray start` wrapped in two corrections for slow machines (emulated guests, loaded hosts) and one for safety,
 # nothing else about Ray changes; every Ray node hearth starts (the head, local nodes, guests) starts this way:
@@ -784,7 +785,7 @@ def main() -> None:
              "phases": phases, "gpus": gpus["gpus"], "gpu_driver": gpus["driver"], "gpu_problem": gpus["problem"]}
     node = Node(machine, channel, hello)
     say(f"node {me}, up {started:.2f} s after the kernel started; {summary}")
-    config = node.talk(within=60.0)
+    config = node.talk(within=ALONE_S)
     configured = machine.uptime()
     say("config: " + (f"address {config['network']['address']}" if config.get("network") else "no network to set"))
     threading.Thread(target=node.serve, args=(float(config.get("reconnect_s", 30)),), daemon=True).start()

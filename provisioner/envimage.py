@@ -44,13 +44,15 @@ same environment share one image. Images live in a per-user cache, `$XDG_CACHE_H
 `~/.cache/hearth/env` (mode 0700), as `<key>.img` beside `<key>.json` (its sha256, size, what it holds); a
 pack is staged in a temporary directory there (hard links where the filesystem allows, copies otherwise),
 packed into a temporary file and renamed into place, so an image is never half-visible; two packs take turns
-on a lock. Refused before anything is written, each with its fix: a controller Python whose major.minor is not
+on a lock. The cache keeps the `KEEP_LOCAL` images last packed or found (each `pip install` makes a new one,
+about half a GiB, and an old one is packed again in seconds when it comes back); `hearth env prune` empties it. Refused before anything is written, each with its fix: a controller Python whose major.minor is not
 the guest image's, a distribution built for a newer glibc than the guest's, an environment over the size cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -72,6 +74,7 @@ FORMAT = 1  # the layout above; bump it when the layout or the mkfs options chan
 MKFS = ["-zlz4", "--all-root", "--quiet"]
 MOUNT = PurePosixPath("/opt/hearth/env")
 DEFAULT_MAX_BYTES = 8 << 30
+KEEP_LOCAL = 4  # images the local cache keeps (the last packed or found): hosts keep their own copies
 GUEST_GLIBC = {"bookworm": (2, 36), "trixie": (2, 41)}
 
 
@@ -204,6 +207,14 @@ def prune(cache: Path | None = None, keep: set[str] = frozenset()) -> list[str]:
     return removed
 
 
+def _trim(cache: Path, keep: int) -> None:
+    """Remove all but the `keep` images last packed or found (the newest .json); the caller holds the lock."""
+    metas = sorted(cache.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for meta in metas[keep:]:
+        meta.with_suffix(".img").unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+
+
 async def prune_hosts(inventory, local_dir: Path, keep: set[str] = frozenset()) -> list[dict]:
     """Ask every host's agent to remove its env images but those whose sha256 is in `keep`; an agent refuses
     the ones a VM uses or it is receiving. One row per host: removed, kept, or why it could not be asked."""
@@ -271,6 +282,8 @@ def pack(prefix: Path | None = None, *, image: Path | None = None, max_bytes: in
     cache = cache or cache_dir()
     hit = lookup(cache, env.key)
     if hit:
+        with contextlib.suppress(OSError):  # found: it counts as recent for the trim after the next pack
+            os.utime(cache / f"{env.key}.json")
         return Packed(hit, True, time.perf_counter() - started, env)
     mkfs = shutil.which("mkfs.erofs")
     if mkfs is None:
@@ -297,6 +310,7 @@ def pack(prefix: Path | None = None, *, image: Path | None = None, max_bytes: in
             except BaseException:
                 (cache / f"{env.key}.img").unlink()
                 raise
+            _trim(cache, KEEP_LOCAL)
     return Packed(lookup(cache, env.key), False, time.perf_counter() - started, env)
 
 

@@ -139,8 +139,12 @@ def agents(run_dir, tmp_path):
                 root.mkdir(exist_ok=True)
             self.started_with[name] = (root, options)
             socket = run_dir / f"{name}.sock"
+            # A test host's disk is this machine's, shared with everything else a test run writes: the agent
+            # keeps 1 GiB free for env images rather than the 5 GiB a GPU host keeps, unless a test sets its own.
+            env = {"HEARTH_AGENT_ENV_MARGIN": os.environ.get("HEARTH_AGENT_ENV_MARGIN", "1G"), **(options.get("env") or {})}
             self.processes[name] = spawn(socket, tmp_path / f"state-{name}", self.vms(name), host_root=root,
-                                         cloud_hypervisor=STANDIN, log=tmp_path / f"agent-{name}.log", **options)
+                                         cloud_hypervisor=STANDIN, log=tmp_path / f"agent-{name}.log",
+                                         **{**options, "env": env})
             return Host(name=name, agent_socket=socket)
 
         def restart(self, name: str) -> Host:

@@ -26,7 +26,7 @@ import pytest
 
 from provisioner.agent.client import connect
 from provisioner.agent.envstore import EnvStore, EnvStoreError
-from provisioner.envimage import DEFAULT_MAX_BYTES, environment, lookup, pack, prune
+from provisioner.envimage import DEFAULT_MAX_BYTES, KEEP_LOCAL, environment, images, lookup, pack, prune
 from provisioner.errors import AgentRefused, EnvError
 from provisioner.hosts import Host, Inventory
 
@@ -291,6 +291,23 @@ def test_prune_keeps_the_current_image(small, tmp_path):
     assert changed.image.key != kept.image.key and lookup(cache, kept.image.key) is not None
     assert prune(cache, keep={changed.image.key}) == [kept.image.key]
     assert lookup(cache, kept.image.key) is None and lookup(cache, changed.image.key) is not None
+
+
+def test_the_cache_keeps_the_images_last_packed_or_found(small, tmp_path):
+    """Each changed environment packs a new image: the cache keeps the last KEEP_LOCAL packed or found."""
+    cache = tmp_path / "cache"
+    keys = []
+    for value in range(KEEP_LOCAL):
+        (tmp_path / "src/mylib.py").write_text(f"VALUE = {value}\n")
+        keys.append(pack(small, cache=cache).image.key)
+        time.sleep(0.01)  # mtimes order them
+    (tmp_path / "src/mylib.py").write_text("VALUE = 0\n")
+    assert pack(small, cache=cache).cached  # the first one, found again: now the most recent
+    (tmp_path / "src/mylib.py").write_text("VALUE = 99\n")
+    newest = pack(small, cache=cache).image.key
+    assert {i.key for i in images(cache)} == {keys[0], *keys[2:], newest}  # the least recent (keys[1]) went
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted(
+        f"{k}.{ext}" for k in (keys[0], *keys[2:], newest) for ext in ("img", "json"))
 
 
 def test_a_cache_others_can_write_to_is_refused(small, tmp_path):

@@ -492,14 +492,21 @@ async def release_during_create(lab: Lab, request) -> str:
 
 
 async def orphans(lab: Lab, request) -> str:
-    """A VMM whose lease record is lost (at the agent's start), and a stray VMM appearing while it runs."""
+    """VMs whose lease records are lost (found at the agent's start): one whose VMM still runs, one whose VMM
+    ended while no agent ran; and a stray VMM appearing while it runs. The audit log must still replay."""
     lab.start()
-    node = {"id": "orph-0", "uid": "u1", "host": "a", "image": str(lab.image), "gpus": [{"address": HGX_GPUS[0]}],
-            "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"}, "memory_mib": 1024}
     with lab.http() as http:
-        assert http.put("/v1/vms/orph-0", json={"controller": "orph", "node": node, "standin": BUILTIN}).status_code == 201
+        for index in range(2):
+            node = {"id": f"orph-{index}", "uid": "u1", "host": "a", "image": str(lab.image),
+                    "gpus": [{"address": HGX_GPUS[index]}], "ray": {"address": "127.0.0.1:1", "token": "not-a-secret"},
+                    "memory_mib": 1024}
+            assert http.put(f"/v1/vms/orph-{index}", json={"controller": "orph", "node": node,
+                                                           "standin": BUILTIN}).status_code == 201
     lab.agents.stop("a", signal.SIGKILL)
-    (lab.state / "vms" / "orph-0.json").unlink()  # the record is lost (a restored backup, a hand-deleted file)
+    (ended,) = processes_mentioning(f"{lab.agents.vms('a')}/orph-1/")
+    os.kill(int(ended.split(":")[0]), signal.SIGKILL)  # orph-1 ends while no agent runs
+    for index in range(2):
+        (lab.state / "vms" / f"orph-{index}.json").unlink()  # the records are lost (a restored backup, a hand-deleted file)
     (lab.state / "controllers.json").write_text("{}")
     lab.agents.restart("a")
     await until(lambda: not vmms(lab), within=5)  # swept at start
@@ -514,9 +521,15 @@ async def orphans(lab: Lab, request) -> str:
     finally:
         stray.kill()
         stray.wait()
-    log = (lab.state / "leases.log").read_text()
-    assert '"op": "sweep", "subject": "orph-0"' in log and '"what": "tap"' in log and '"subject": "ghost"' in log
-    return f"swept at start (a VMM and tap with no lease), and a stray VMM {took:.1f} s after it appeared"
+    log = [json.loads(line) for line in (lab.state / "leases.log").read_text().splitlines()]
+    swept = {(e["subject"], e["what"].split(" pid")[0]) for e in log if e["op"] == "sweep" and e["subject"] != "ghost"}
+    assert {("orph-0", "VMM"), ("orph-0", "VM directory"), ("orph-1", "VM directory")} <= swept, swept
+    assert ("ghost", "VMM") in {(e["subject"], e["what"].split(" pid")[0]) for e in log if e["op"] == "sweep"}
+    assert {e["subject"]: e["devices"] for e in log if e["op"] == "release"} == {
+        "orph-0": [HGX_GPUS[0]], "orph-1": [HGX_GPUS[1]]}
+    assert any(e["op"] == "sweep" and e["what"] == "tap" for e in log)
+    return (f"swept at start: a VMM, taps and 2 VM dirs with no lease (both GPUs released in the log); "
+            f"a stray VMM {took:.1f} s after it appeared")
 
 
 async def vmm_outlives_sigkill(lab: Lab, request) -> str:

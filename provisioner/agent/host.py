@@ -602,6 +602,9 @@ class HostAgent:
             if name not in leased and name not in sweep.vmm_processes(run_dir):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
                 self.ledger.log("sweep", name, what="VM directory")
+                held = self.ledger.held_by(name)
+                if held:  # its VMM ended while no agent ran, and its record is lost: the log still says it is free
+                    self.ledger.log("release", name, devices=held, why="swept: its VM ended with no lease record")
 
     async def _recover(self) -> None:
         """After a restart: adopt every recorded VM whose VMM runs, had booted and whose controller's lease holds;

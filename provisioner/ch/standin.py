@@ -87,6 +87,7 @@ from provisioner.ch.monitor import format_event  # noqa: E402
 
 API_ROOT = "/api/v1"  # as provisioner.ch.spec has it; that module is imported only when validating
 HEARTBEAT_S = 2.0  # as the real guest agent (guest/agent.py) sends them
+ALONE_S = 60.0  # as long as the real guest agent waits to be configured (guest/agent.py ALONE_S)
 
 VM_NOT_CREATED = "VM is not created"
 FAULTS = ("boot-fails", "crash-mid-boot", "hang:<endpoint>", "slow-boot", "ignore-sigterm", "silent-guest",
@@ -113,6 +114,8 @@ class StandIn:
         self.log = open(args.log_file, "a") if args.log_file else sys.stderr
         self.fault = settings.get("fault")
         self.guest_disk: str | None = None
+        self.ending = threading.Lock()  # the guest's watcher and a stop both end it: one at a time, wholly
+        self.exiting = threading.Event()
 
     # -- events and log --------------------------------------------------------------------------
     def event(self, source: str, event: str, properties: dict[str, Any] | None = None) -> None:
@@ -128,6 +131,12 @@ class StandIn:
         self.log.flush()
 
     def exit(self, code: int = 0) -> None:
+        """End the guest, then the process. Once: a second call (the SIGTERM that `terminate` sends the process
+        after its group, run as a nested handler; a guest powering off meanwhile) returns at once, and the first
+        finishes the job (a nested exit had cut the first short, leaving the guest's disk behind)."""
+        if self.exiting.is_set():
+            return
+        self.exiting.set()
         self._stop_guest()
         self.event("vmm", "shutdown")
         self.say(f"exiting with status {code}")
@@ -341,14 +350,19 @@ class StandIn:
             self._end_guest(guest)
 
     def _end_guest(self, guest) -> None:
-        """The VM is off: nothing that ran in it outlives it, and its disk goes."""
-        if not isinstance(guest, _BuiltinGuest):  # a guest program's process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(guest.pid, signal.SIGKILL)
-        if self.guest_disk is not None:
-            import shutil
+        """The VM is off: nothing that ran in it outlives it, and its disk goes. The watcher of a guest that
+        powered off and a stop that came meanwhile both call this; the lock keeps the exit that follows a stop
+        from cutting the watcher's removal short (which left an empty disk behind)."""
+        import shutil
 
-            shutil.rmtree(self.guest_disk, ignore_errors=True)
+        with self.ending:
+            if not isinstance(guest, _BuiltinGuest):  # a guest program's process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(guest.pid, signal.SIGKILL)
+            if self.guest_disk is not None:
+                shutil.rmtree(self.guest_disk, ignore_errors=True)
+                if not os.path.exists(self.guest_disk):
+                    self.guest_disk = None
 
 
 class _BuiltinGuest(threading.Thread):
@@ -400,7 +414,9 @@ class _BuiltinGuest(threading.Thread):
                         return
             except OSError as error:
                 self.vmm.say(f"builtin guest: guest channel {path}: {error}")
-            if not self._reconnect(path, float(config.get("reconnect_s", 0))):
+            # Before its config, it waits for a host end as the real agent does (a host agent restarting
+            # before the guest reached it); after, for the config's `reconnect_s`.
+            if not self._reconnect(path, float(config.get("reconnect_s", 0)) if config else ALONE_S):
                 return
 
     def _reconnect(self, path: str, within: float) -> bool:
@@ -728,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     if vmm.fault == "ignore-sigterm":
         signal.signal(signal.SIGTERM, lambda *_: vmm.say("fault injected: SIGTERM ignored"))
     else:
-        signal.signal(signal.SIGTERM, lambda *_: (vmm._stop_guest(), vmm.exit(0)))  # CH exits cleanly on SIGTERM
+        signal.signal(signal.SIGTERM, lambda *_: vmm.exit(0))  # CH exits cleanly on SIGTERM
     try:
         server.serve_forever(poll_interval=1.0)  # it only checks for shutdown(), which the stand-in never calls
     finally:
