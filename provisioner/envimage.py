@@ -47,7 +47,8 @@ packed into a temporary file and renamed into place, so an image is never half-v
 on a lock. The cache keeps the `KEEP_LOCAL` images last packed or found (each `pip install` makes a new one,
 about half a GiB, and an old one is packed again in seconds when it comes back); `hearth env prune` keeps
 only the current one. Refused before anything is written, each with its fix: a controller Python whose
-major.minor is not the guest image's, a distribution built for a newer glibc than the guest's, an environment over the size cap.
+major.minor is not the guest image's, a distribution built for a newer glibc than the guest's, an environment
+over the size cap.
 """
 
 from __future__ import annotations
