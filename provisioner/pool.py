@@ -58,6 +58,7 @@ from provisioner.run import ClusterRun, default_work_dir
 from provisioner.spec import cluster_spec, default_backend
 
 SETTLE_S = 5.0  # after a Ray error that a dying node also causes: how long to wait for the node's own account
+CANCEL_S = 10.0  # how long a cancelled call's slot waits for its task to end before it is given out again
 TEND_S = 1.0  # how often idle nodes are looked for and, while calls run, Ray's view of the nodes is checked
 
 
@@ -90,6 +91,7 @@ class Pool:
         self._closing = False
         self._changed: asyncio.Condition | None = None
         self._tender: asyncio.Task | None = None
+        self._ending: set[asyncio.Task] = set()  # cancelled calls whose tasks are being ended (_end_task)
         self._started = loop.submit(self._start())
 
     # -- the verbs ---------------------------------------------------------------------------------
@@ -208,7 +210,21 @@ class Pool:
         finally:
             if result is not None and not result.done():  # timed out, cancelled, or its node died: end the task
                 result.cancel()
-                asyncio.get_running_loop().run_in_executor(None, _cancel, ref)
+                ending = asyncio.get_running_loop().create_task(self._end_task(ref, node))
+                self._ending.add(ending)  # held: the loop keeps only a weak reference to a task
+                ending.add_done_callback(self._ending.discard)
+            else:
+                await self._release(node)
+
+    async def _end_task(self, ref: Any, node: str) -> None:
+        """Cancel a call's Ray task, and free its node's slot once the task has ended (its worker is killed):
+        until then Ray still holds the node's CPU for it, and a call given the slot would queue behind a dying
+        worker. At most CANCEL_S: a node that cannot say so in time is not waited for."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _cancel, ref)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.wrap_future(ref.future()), CANCEL_S)
+        finally:
             await self._release(node)
 
     def _lost(self, node: str, reason: str, fn: Callable[..., Any]) -> NodeLost:
