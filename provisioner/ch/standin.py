@@ -351,8 +351,8 @@ class StandIn:
 
     def _end_guest(self, guest) -> None:
         """The VM is off: nothing that ran in it outlives it, and its disk goes. The watcher of a guest that
-        powered off and a stop that came meanwhile both call this; the lock keeps the exit that follows a stop
-        from cutting the watcher's removal short (which left an empty disk behind)."""
+        powered off and a stop that came meanwhile both call this: the lock makes the second wait for the
+        first, so the exit that follows a stop cannot cut a removal short."""
         import shutil
 
         with self.ending:
