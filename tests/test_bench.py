@@ -82,6 +82,27 @@ def test_bench_boot_with_an_interpreter_per_standin():
     assert figures["parallel"]["slot_wait_s"]["max"] > 0  # one boot slot: the others waited for it
 
 
+def test_cpu_of_counts_a_live_process_under_one_clock_tick():
+    """A live child that used less than a clock tick (a forked stand-in VMM at boot) still counts: /proc's stat
+    alone reads it as 0 CPU, which made the stand-ins' boot CPU 0 in a CI run."""
+    from provisioner.bench.cpu import cpu_of
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)  # exec'd: its CPU is sleep's own, not the fork's
+        stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(stat[11]) + int(stat[12])
+        cpu = cpu_of([os.getpid(), child.pid])  # one snapshot
+        own = cpu[child.pid].own
+        assert 0 < own < 1 and ticks / os.sysconf("SC_CLK_TCK") <= own
+        assert cpu[os.getpid()].children >= own  # the parent's descendants include it
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_plot_names_the_extra_when_matplotlib_is_missing(tmp_path):
     blocker = tmp_path / "sitecustomize.py"  # makes `import matplotlib` fail in that process only
     blocker.write_text("import sys\nsys.modules['matplotlib'] = None\n")
