@@ -202,7 +202,11 @@ def test_an_agent_killed_mid_boot_is_restarted_and_the_cluster_comes_up(fleet, a
         await run.up()  # two nodes boot fully: the restarted agent must adopt them
         first = {r.node_id: r.ray_node_id for r in run.engine.nodes.values()}
         growing = asyncio.create_task(run.scale(4))
-        await asyncio.sleep(1.5)  # the new two are in vm.boot
+        deadline = time.monotonic() + 60
+        new = [f"{agents.vms('a')}/restart-{i}/" for i in (2, 3)]
+        while not all(processes_mentioning(vm) for vm in new):  # leased, VMM started: in vm.boot for 3 s
+            assert time.monotonic() < deadline and not growing.done(), "the new two's VMMs did not start"
+            await asyncio.sleep(0.05)
         agents.stop("a", signal.SIGKILL)
         await asyncio.sleep(1.0)
         agents.restart("a")

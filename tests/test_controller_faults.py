@@ -274,11 +274,13 @@ def test_a_dropped_ssh_connection_is_made_again_mid_boot_and_while_ready(sshd, a
 
     async def scenario():
         booting = asyncio.create_task(run.up())
-        await until(lambda: len(run.engine.nodes) == 2 and all(
-            r.process is not None and r.process.tracker.reached(NodeState.booting) for r in run.engine.nodes.values()),
-            60, "both VMs in vm.boot")
+        # the agent answers a PUT once vm.boot did (4 s here): with both VMMs started, both PUTs are in flight
+        await until(lambda: len(processes_mentioning(f"{agents.vms('b')}/")) == 2 or booting.done(), 60,
+                    "both VMMs started")
+        assert not booting.done()
         tunnel = run.backend.agents["b"].tunnel
         assert _drop_ssh_connections(sshd) >= 1
+        await until(lambda: tunnel.drops >= 1, 30, "the drop seen")
         await booting  # the PUTs in flight were lost with the connection: sent again, the same VMs answer
         mid_boot = tunnel.drops
         await until(lambda: tunnel.problem is None, 30, "the tunnel up again")

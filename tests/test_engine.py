@@ -176,8 +176,12 @@ def test_cancel_half_way_tears_everything_down(image, run_dir, agents):
 
     async def scenario():
         task = asyncio.create_task(run.up())
-        await asyncio.sleep(2.5)
-        booting = len(processes_mentioning(f"{agents.vms('a')}/"))
+        # the env image is packed and carried first, which takes seconds under load: wait for the VMMs instead of
+        # a fixed time; each boots for 5 s, so seeing all 8 means all 8 were booting at once
+        deadline = time.monotonic() + 60
+        while (booting := len(processes_mentioning(f"{agents.vms('a')}/"))) < 8 and not task.done():
+            assert time.monotonic() < deadline, f"{booting} of 8 VMMs started in 60 s"
+            await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -177,6 +177,9 @@ def test_kernel_interrupt_errors_and_kill(isolated, run_dir):
         assert "hearth cluster doomed" in display["data"]["text/html"]
 
         waiting = client.execute("cluster.wait()")
+        # ipykernel ignores SIGINT between requests: interrupt only once this one runs (its input was published)
+        while not any(m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == waiting for m in seen):
+            seen.append(client.get_iopub_msg(timeout=30))
         while (read_state(state) or {}).get("status") != "booting":
             time.sleep(0.1)
         manager.interrupt_kernel()  # the head alone takes seconds to start: this lands while wait() waits
